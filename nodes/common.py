@@ -1,0 +1,121 @@
+"""Shared glue between ComfyUI types and jointcore (imported only inside ComfyUI).
+
+* IMAGE: ``[B, H, W, C]`` float 0–1  ↔  jointcore images ``[B, C, H, W]``.
+* MASK:  ``[B, H, W]`` (or ``[H, W]``) float 0–1.
+* Model folders live under ComfyUI's ``models/`` and are registered with ``folder_paths``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+CATEGORY = "JointDiffusion"
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+
+def image_to_bchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B,H,W,C]`` → ``[B,C,H,W]`` float32 (only the first 3 channels)."""
+    if image.ndim != 4:
+        raise ValueError(f"expected an IMAGE of shape [B,H,W,C], got {tuple(image.shape)}")
+    return image[..., :3].permute(0, 3, 1, 2).float().contiguous()
+
+
+def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
+    """``[B,C,H,W]`` (C = 1 or 3) → ComfyUI IMAGE ``[B,H,W,3]`` float32 on the CPU, clamped to 0–1."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().contiguous()
+
+
+def mask_to_b1hw(mask: Optional[torch.Tensor], batch: int, height: int, width: int) -> Optional[torch.Tensor]:
+    """ComfyUI MASK → ``[B,1,H,W]``, resized (nearest) to ``height×width`` and repeated to ``batch``."""
+    if mask is None:
+        return None
+    m = mask.float()
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3:
+        raise ValueError(f"expected a MASK of shape [B,H,W], got {tuple(mask.shape)}")
+    m = m[:, None]
+    if m.shape[-2:] != (height, width):
+        m = torch.nn.functional.interpolate(m, size=(height, width), mode="nearest")
+    if m.shape[0] not in (1, batch):
+        raise ValueError(f"mask batch {m.shape[0]} does not match image batch {batch}: give 1 mask or {batch}")
+    return m.expand(batch, -1, -1, -1)
+
+
+# ---- model folders ---------------------------------------------------------------------------------
+
+def register_model_folder(name: str, extensions: Optional[set] = None) -> str:
+    """Register ``models/<name>`` with ``folder_paths`` (keeping paths added by extra_model_paths.yaml)."""
+    import folder_paths
+
+    d = os.path.join(folder_paths.models_dir, name)
+    os.makedirs(d, exist_ok=True)
+    if name not in folder_paths.folder_names_and_paths or d not in folder_paths.folder_names_and_paths[name][0]:
+        folder_paths.add_model_folder_path(name, d) if hasattr(folder_paths, "add_model_folder_path") else None
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([d], set())
+    paths, exts = folder_paths.folder_names_and_paths[name]
+    folder_paths.folder_names_and_paths[name] = (paths, set(extensions) if extensions is not None else exts)
+    return d
+
+
+def list_model_dirs(name: str, marker: Optional[Callable[[str], bool]] = None) -> list[str]:
+    """Sub-folders (diffusers layouts) of every registered ``models/<name>`` path, relative names."""
+    import folder_paths
+
+    out = []
+    for base in folder_paths.get_folder_paths(name):
+        if not os.path.isdir(base):
+            continue
+        for root, dirs, _files in os.walk(base, followlinks=True):
+            dirs.sort()
+            rel = os.path.relpath(root, base)
+            if rel == ".":
+                continue
+            if marker is None or marker(root):
+                out.append(rel.replace(os.sep, "/"))
+                dirs[:] = []  # do not descend into a model folder
+    return sorted(set(out))
+
+
+def resolve_model_dir(name: str, rel: str) -> str:
+    """Absolute path of ``models/<name>/<rel>`` (first registered base that has it) or a clear error."""
+    import folder_paths
+
+    for base in folder_paths.get_folder_paths(name):
+        p = os.path.join(base, rel)
+        if os.path.isdir(p):
+            return p
+    raise FileNotFoundError(f"model folder {rel!r} not found under models/{name}/ "
+                            f"(searched {folder_paths.get_folder_paths(name)})")
+
+
+# ---- device / progress -------------------------------------------------------------------------------
+
+def torch_device() -> torch.device:
+    import comfy.model_management as mm
+    return mm.get_torch_device()
+
+
+def offload_device() -> torch.device:
+    import comfy.model_management as mm
+    return mm.unet_offload_device()
+
+
+def progress(total: int, node_id=None) -> Callable[..., None]:
+    """A jointcore step callback that advances a ComfyUI progress bar and honours Cancel."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def cb(*_args, **_kw):
+        mm.throw_exception_if_processing_interrupted()
+        bar.update(1)
+
+    return cb
