@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Checks that need ComfyUI's own modules in-process; run as ``python comfy_probe.py CHECK`` with the
+ComfyUI checkout as working directory (old ComfyUI parses ``sys.argv`` on import, so a clean process is
+needed). Prints one JSON object.
+
+CHECK:
+  sigmas    ComfyUI's ModelSamplingDiscrete vs jointcore's timestep<->sigma conversions
+  globals   ComfyUI globals before/after importing the pack (must be unchanged)
+  optional  import the pack with some optional dependencies blocked
+"""
+import importlib.abc
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+check = sys.argv[1]
+sys.argv = sys.argv[:1]
+sys.path.insert(0, os.getcwd())
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+
+
+def load_pack():
+    """Import the pack the way ComfyUI does (module named after its folder)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jointdiffusion", os.path.join(REPO, "__init__.py"),
+                                                  submodule_search_locations=[REPO])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["jointdiffusion"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sigmas_check():
+    import torch
+
+    import comfy.model_sampling as cms
+
+    pack = load_pack()
+    P = sys.modules["jointdiffusion.jointcore.prediction"]
+    S = sys.modules["jointdiffusion.jointcore.schedules"]
+    sched = sys.modules["jointdiffusion.nodes.schedule"]
+
+    class Cfg:  # what ModelSamplingDiscrete reads from a model config
+        sampling_settings = {}
+
+    out = {}
+    ms = cms.ModelSamplingDiscrete(Cfg())
+    ab = S.alphas_cumprod()
+    ours = P.sigmas_from_alphas_cumprod(ab)
+    out["max_sigma_table_rel_err"] = float(((ours - ms.sigmas.double()).abs() / ms.sigmas.double()).max())
+    frac = torch.tensor([0.0, 0.25, 10.5, 499.3, 998.9, 999.0])
+    out["max_sigma_interp_rel_err"] = float(((P.timestep_to_sigma(frac, ab) - ms.sigma(frac).double()).abs()
+                                             / ms.sigma(frac).double()).max())
+    probe = torch.cat([ms.sigmas[::37], ms.sigmas[::53] * 1.01])
+    out["timestep_mismatches"] = int((P.sigma_to_timestep(probe, ab) != ms.timestep(probe).round().long()).sum())
+    # the node's schedule, read from a ComfyUI model_sampling object, vs a direct jointcore computation
+    node_ab = P.alphas_cumprod_from_sigma(ms.sigmas.double())
+    diffs = []
+    for n in (1, 3, 4, 10, 20, 50):
+        a = sched.trailing_sigmas(node_ab, n, "trailing", False)
+        b = P.schedule_sigmas(S.ddim_timesteps(n, "trailing"), ab)
+        diffs.append(float(((a.double() - b.double()).abs() / b.double().clamp(min=1e-3)).max()))
+        # ComfyUI's "simple" scheduler equals trailing spacing where rounding agrees
+        if n in (4, 10, 20, 50):
+            import comfy.samplers as cs
+            try:  # ComfyUI >= mid 2024 takes model_sampling, older takes the model
+                simple = cs.simple_scheduler(ms, n).double()
+            except AttributeError:
+                simple = cs.simple_scheduler(type("M", (), {"model_sampling": ms})(), n).double()
+            out[f"simple_vs_trailing_{n}"] = float((simple - a.double()).abs().max())
+    out["node_vs_direct_rel_err"] = max(diffs)
+    out["trailing_1"] = S.ddim_timesteps(1, "trailing").tolist()
+    out["timestep_of_first_sigma_1step"] = float(ms.timestep(sched.trailing_sigmas(node_ab, 1, "trailing", False)[:1])[0])
+    out["timestep_of_first_sigma_1step_leading"] = float(
+        ms.timestep(sched.trailing_sigmas(node_ab, 1, "leading", False, 1)[:1])[0])
+    # zero terminal SNR: ComfyUI's own rescale (newer versions) gives σ_max ≈ 4518.8
+    z = sched.trailing_sigmas(node_ab, 3, "trailing", True)
+    out["zsnr_first_sigma"] = float(z[0])
+    if hasattr(cms, "rescale_zero_terminal_snr_sigmas"):
+        ref = cms.rescale_zero_terminal_snr_sigmas(ms.sigmas)
+        ts = S.ddim_timesteps(3, "trailing")
+        out["zsnr_rel_err_vs_comfy"] = float(((z[:-1].double() - ref[ts].double()).abs() / ref[ts].double()).max())
+    print(json.dumps(out))
+
+
+def snapshot():
+    import folder_paths
+
+    import comfy.model_management
+    import comfy.samplers
+    import nodes
+
+    def names(mod):
+        return {k: id(v) for k, v in vars(mod).items() if not k.startswith("__")}
+
+    return {
+        "samplers": names(comfy.samplers),
+        "KSAMPLER_NAMES": list(comfy.samplers.KSampler.SAMPLERS) if hasattr(comfy.samplers.KSampler, "SAMPLERS") else [],
+        "SCHEDULERS": list(comfy.samplers.KSampler.SCHEDULERS) if hasattr(comfy.samplers.KSampler, "SCHEDULERS") else [],
+        "model_management": names(comfy.model_management),
+        "nodes_mappings": sorted(nodes.NODE_CLASS_MAPPINGS),
+        "folder_names": {k: [list(v[0]), sorted(v[1])] for k, v in folder_paths.folder_names_and_paths.items()},
+        "torch_grad": __import__("torch").is_grad_enabled(),
+        "torch_threads": __import__("torch").get_num_threads(),
+    }
+
+
+def globals_check():
+    import nodes  # noqa: F401  (ComfyUI's built-in nodes)
+
+    before = snapshot()
+    pack = load_pack()
+    after = snapshot()
+    changed = [k for k in before if before[k] != after[k] and k != "folder_names"]
+    fb, fa = before["folder_names"], after["folder_names"]
+    folders_changed = sorted(k for k in fb if fb[k] != fa.get(k))
+    folders_added = sorted(set(fa) - set(fb))
+    print(json.dumps({"changed": changed, "folders_changed": folders_changed, "folders_added": folders_added,
+                      "n_nodes": len(pack.NODE_CLASS_MAPPINGS)}))
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def __init__(self, blocked):
+        self.blocked = set(blocked)
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ImportError(f"No module named '{name}' (blocked by test)")
+        return None
+
+
+def optional_check():
+    import logging
+
+    blocked = os.environ["JD_BLOCK"].split(",")
+    for m in list(sys.modules):
+        if m.split(".")[0] in blocked:
+            del sys.modules[m]
+    sys.meta_path.insert(0, Blocker(blocked))
+    records = []
+    h = logging.Handler()
+    h.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger().addHandler(h)
+    logging.getLogger().setLevel(logging.INFO)
+    pack = load_pack()
+    nodes_mod = sys.modules["jointdiffusion.nodes"]
+    print(json.dumps({"nodes": sorted(pack.NODE_CLASS_MAPPINGS), "unavailable": nodes_mod.UNAVAILABLE,
+                      "log": records}))
+
+
+{"sigmas": sigmas_check, "globals": globals_check, "optional": optional_check}[check]()

@@ -1,0 +1,176 @@
+"""The pack inside a real ComfyUI: import, node listing, every shipped workflow, adapter parity."""
+import ast
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import H, ROOT, run_probe
+
+WORKFLOWS = H.workflows()
+
+
+def pack_node_keys() -> set[str]:
+    """Node keys declared by every capability module (read statically, without importing ComfyUI)."""
+    init = ast.parse((ROOT / "nodes" / "__init__.py").read_text())
+    caps = next(ast.literal_eval(n.value) for n in ast.walk(init)
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "CAPABILITIES")
+    keys = set()
+    for mod in caps:
+        tree = ast.parse((ROOT / "nodes" / f"{mod}.py").read_text())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "NODE_CLASS_MAPPINGS":
+                keys |= {k.value for k in n.value.keys}
+    return keys
+
+
+def test_pack_imports_without_failure(server):
+    log = server.log()
+    assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if H.PACK_NAME in l), log[-3000:]
+    assert f"custom_nodes/{H.PACK_NAME}" in log  # listed among the loaded custom nodes
+
+
+def test_every_node_is_listed(server):
+    keys = pack_node_keys()
+    assert keys, "no nodes declared"
+    missing = keys - set(server.object_info)
+    assert not missing, f"nodes missing from /object_info: {sorted(missing)}"
+    for k in keys:
+        assert server.object_info[k]["category"].startswith("JointDiffusion")
+
+
+def test_web_directory_is_served(server):
+    exts = server.get("/extensions")
+    ours = [e for e in exts if f"/extensions/{H.PACK_NAME}/" in e]
+    assert ours, exts
+    for e in ours:
+        assert server.get(e, raw=True)
+
+
+def test_every_workflow_has_a_thumbnail_and_uses_pack_nodes():
+    assert WORKFLOWS
+    keys = pack_node_keys()
+    used = set()
+    for wf in WORKFLOWS:
+        assert wf.with_suffix(".jpg").is_file(), f"{wf.name} has no same-name .jpg thumbnail"
+        used |= {n["type"] for n in json.loads(wf.read_text())["nodes"]}
+    assert not (keys - used), f"nodes not in any shipped workflow: {sorted(keys - used)}"
+
+
+@pytest.mark.parametrize("wf", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_runs(server, wf):
+    api = H.shrink_for_tiny(H.ui_to_api(wf, server.object_info))
+    entry = server.run_prompt(api)
+    files = server.output_files(entry)
+    assert files, f"{wf.name} produced no output"
+    for f in files:
+        assert f.is_file() and f.stat().st_size > 0, f
+        if f.suffix == ".png":
+            im = Image.open(f)
+            im.load()
+            assert min(im.size) >= 8
+
+
+def test_broken_workflow_is_rejected(server):
+    ui = json.loads(WORKFLOWS[0].read_text())
+    bad = json.loads(json.dumps(ui))
+    bad["nodes"][0]["type"] = "NoSuchNodeType"
+    with pytest.raises(ValueError, match="NoSuchNodeType"):
+        H.ui_to_api(bad, server.object_info)
+    api = H.shrink_for_tiny(H.ui_to_api(ui, server.object_info))
+    sig = next(k for k, v in api.items() if v["class_type"] == "JDTrailingDDIMSigmas")
+    api[sig]["inputs"]["steps"] = 0  # below the node's minimum: ComfyUI must refuse it
+    with pytest.raises(H.PromptError):
+        server.run_prompt(api)
+
+
+def _sampling_prompt(sampler: dict, steps: int, prefix: str, spacing="trailing", seed=7) -> dict:
+    ckpt = sorted(H.referenced_checkpoints(WORKFLOWS))[0]
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red house", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "JDTrailingDDIMSigmas",
+              "inputs": {"model": ["1", 0], "steps": steps, "spacing": spacing, "zero_terminal_snr": False}},
+        "6": sampler,
+        "7": {"class_type": "SamplerCustom",
+              "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": seed, "cfg": 5.0, "positive": ["2", 0],
+                         "negative": ["3", 0], "sampler": ["6", 0], "sigmas": ["5", 0], "latent_image": ["4", 0]}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}},
+    }
+
+
+def _latent(server, entry) -> torch.Tensor:
+    f = next(p for p in server.output_files(entry) if p.suffix == ".latent")
+    return load_file(str(f))["latent_tensor"]
+
+
+def test_jointcore_ddim_through_comfy_adapter_equals_comfy_euler(server):
+    """DDIM with η=0 is Euler in σ-space, so jointcore's DDIM driven through the ComfyUI adapter
+    (CFG, conditioning and model from ComfyUI) must reproduce ComfyUI's own euler sampler."""
+    ours = _latent(server, server.run_prompt(_sampling_prompt(
+        {"class_type": "JDDDIMSampler", "inputs": {"eta": 0.0}}, 4, "jd_test/ddim")))
+    ref = _latent(server, server.run_prompt(_sampling_prompt(
+        {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}, 4, "jd_test/euler")))
+    assert ours.shape == ref.shape == (1, 4, 8, 8)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
+    # η > 0 adds noise: a different sample, same seed → same result
+    e1 = _latent(server, server.run_prompt(_sampling_prompt(
+        {"class_type": "JDDDIMSampler", "inputs": {"eta": 1.0}}, 4, "jd_test/ddim_eta_a")))
+    e2 = _latent(server, server.run_prompt(_sampling_prompt(
+        {"class_type": "JDDDIMSampler", "inputs": {"eta": 1.0}}, 4, "jd_test/ddim_eta_b")))
+    torch.testing.assert_close(e1, e2)
+    assert (e1 - ours).abs().max() > 1e-3
+
+
+def test_trailing_vs_leading_one_step_differ(server):
+    a = _latent(server, server.run_prompt(_sampling_prompt(
+        {"class_type": "JDDDIMSampler", "inputs": {"eta": 0.0}}, 1, "jd_test/one_trailing")))
+    b = _latent(server, server.run_prompt(_sampling_prompt(
+        {"class_type": "JDDDIMSampler", "inputs": {"eta": 0.0}}, 1, "jd_test/one_leading", spacing="leading")))
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_sigmas_work_with_sampler_custom_advanced(server):
+    if "SamplerCustomAdvanced" not in server.object_info:
+        pytest.skip("this ComfyUI predates SamplerCustomAdvanced (added April 2024); SamplerCustom is tested")
+    p = _sampling_prompt({"class_type": "JDDDIMSampler", "inputs": {"eta": 0.0}}, 4, "jd_test/adv")
+    p["9"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}}
+    p["10"] = {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                     "cfg": 5.0}}
+    p["7"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["9", 0], "guider": ["10", 0],
+                                                               "sampler": ["6", 0], "sigmas": ["5", 0],
+                                                               "latent_image": ["4", 0]}}
+    adv = _latent(server, server.run_prompt(p))
+    ref = _latent(server, server.run_prompt(_sampling_prompt(
+        {"class_type": "JDDDIMSampler", "inputs": {"eta": 0.0}}, 4, "jd_test/adv_ref")))
+    torch.testing.assert_close(adv, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_sigma_conversions_match_comfyui(comfy_dir):
+    r = run_probe(comfy_dir, "sigmas")
+    assert r["max_sigma_table_rel_err"] < 1e-6
+    assert r["max_sigma_interp_rel_err"] < 1e-6
+    assert r["timestep_mismatches"] == 0
+    assert r["node_vs_direct_rel_err"] < 1e-6
+    for n in (4, 10, 20, 50):
+        assert r[f"simple_vs_trailing_{n}"] < 1e-3
+    assert r["timestep_of_first_sigma_1step"] == 999.0
+    assert r["timestep_of_first_sigma_1step_leading"] == 1.0
+    assert abs(r["zsnr_first_sigma"] - 4518.76) < 0.1
+    if "zsnr_rel_err_vs_comfy" in r:
+        assert r["zsnr_rel_err_vs_comfy"] < 1e-4
+
+
+def test_importing_the_pack_changes_no_comfy_global(comfy_dir):
+    r = run_probe(comfy_dir, "globals")
+    assert r["n_nodes"] >= 2
+    assert r["changed"] == [], r
+    assert r["folders_changed"] == [], r  # only new model folders of our own may appear
+    assert all(f.startswith("jointnet") or f.startswith("jointdiffusion") for f in r["folders_added"]), r
