@@ -93,3 +93,26 @@ def make_ksampler(fn: Callable, **options):
     import comfy.samplers
 
     return comfy.samplers.KSAMPLER(fn, extra_options=options)
+
+
+def sample_with_comfy(model, positive, negative, cfg: float, latent: dict, sigmas: torch.Tensor, seed: int,
+                      fn: Callable, add_noise: bool = True, **options) -> dict:
+    """Run a KSAMPLER-style function ``fn(model, x, sigmas, extra_args, callback, disable, **options)`` on a
+    ComfyUI MODEL the way SamplerCustom does (noise, conditioning, CFG, noise_mask, previews, progress,
+    model loading), and return the output LATENT dict. ``fn`` usually builds a :class:`ComfyDenoiser`."""
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    samples = latent["samples"]
+    if add_noise:
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    else:
+        noise = torch.zeros(samples.size(), dtype=samples.dtype, layout=samples.layout, device="cpu")
+    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    out = comfy.sample.sample_custom(model, noise, cfg, make_ksampler(fn, **options), sigmas, positive, negative,
+                                     samples, noise_mask=latent.get("noise_mask"), callback=callback,
+                                     disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    res = latent.copy()
+    res["samples"] = out
+    return res
