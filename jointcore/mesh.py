@@ -1,0 +1,605 @@
+"""RGB-D → triangle mesh / point cloud (perspective, cylindrical panorama, equirectangular sphere).
+
+Every pixel centre of a ``h×w`` grid becomes one vertex; each 2×2 block of valid neighbours becomes two
+triangles (index arithmetic, no per-pixel Python). Triangles whose depths jump by more than a relative
+threshold are cut, so foreground and background are not joined by "rubber sheets".
+
+Coordinate frame (glTF): **X right, Y up, the camera at the origin looking along −Z**, right-handed.
+Triangles wind counter-clockwise as seen from the camera, so their normals face the camera.
+
+Depth meaning per projection (the value ``d`` of a pixel after :func:`depth_from_map`):
+
+* ``perspective`` — ``d`` is the camera-space distance along the optical axis: the vertex has ``z = −d``
+  (kornia :func:`~kornia.geometry.depth.depth_to_3d_v2` does the pinhole unprojection). The horizontal
+  field of view spans the outer edges of the image; pixel ``(u, v)`` has its centre at ``u, v``
+  (integers) with the principal point at ``((W−1)/2, (H−1)/2)``, so ``fx = fy = W / (2·tan(fov/2))``.
+* ``cylindrical`` — ``d`` is the horizontal distance to the vertical axis (the cylinder radius). Column
+  ``u`` has azimuth ``θ = (u − (W−1)/2)·span/W`` (θ = 0 looks along −Z, positive to the right); the
+  vertical axis uses the same pixels-per-radian ``f = W/span``: ``y = −(v − (H−1)/2)·d/f``. A 360° span
+  closes the seam (triangles between column ``W−1`` and column 0).
+* ``equirectangular`` — ``d`` is the Euclidean distance from the centre. Longitude
+  ``θ = (u − (W−1)/2)·2π/W``, latitude ``φ = −(v − (H−1)/2)·π/H``; the seam is always closed. The two
+  poles keep a hole of half a pixel row (no pole caps).
+
+The map can be depth or disparity (JointNet's official mesh script reads its dense map as disparity:
+``depth = 1 / (v·scale + shift)``); see :func:`depth_from_map`. Pixels whose depth is NaN, ±inf or
+``≤ 0`` are dropped, together with every triangle that touches them.
+
+Vertex colours are the image's values as stored (sRGB, what viewers expect in practice).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("perspective", "cylindrical", "equirectangular")
+DEPTH_KINDS = ("depth", "disparity")
+FORMATS = ("glb", "ply", "obj", "pointcloud_ply")
+COLOR_MODES = ("vertex", "texture", "none")
+
+#: Estimated peak bytes per grid vertex while building and writing a mesh (torch intermediates, int64
+#: faces, trimesh's float64 copies, normals and the serialised buffer). Measured peak is lower; this is
+#: the conservative figure the memory guard uses.
+BYTES_PER_VERTEX = 320
+DEFAULT_MAX_BYTES = 4 * 1024**3
+
+
+@dataclass
+class RGBDMesh:
+    """One mesh built from one RGB-D pair.
+
+    Attributes:
+        vertices: ``[N, 3]`` float32 positions (glTF frame), all finite.
+        faces: ``[F, 3]`` int64 indices into ``vertices`` (counter-clockwise seen from the camera).
+        colors: ``[N, 3]`` float32 colours in 0–1 (the image averaged over the grid cell).
+        uv: ``[N, 2]`` float32 texture coordinates into ``texture`` (OpenGL convention: ``v`` up).
+        texture: ``[3, H, W]`` float32 full-resolution image the ``uv`` point into.
+        pixel_index: ``[N]`` int64 flat index ``row·w + col`` of each vertex in the ``grid_size`` grid.
+        grid_size: ``(h, w)`` of the vertex grid (after down-sampling).
+        depth: ``[N]`` float32 depth value of each vertex (meaning depends on the projection).
+    """
+
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    colors: torch.Tensor
+    uv: torch.Tensor
+    texture: torch.Tensor
+    pixel_index: torch.Tensor
+    grid_size: tuple[int, int]
+    depth: torch.Tensor
+
+    @property
+    def is_empty(self) -> bool:
+        return self.vertices.shape[0] == 0
+
+    def compact(self) -> "RGBDMesh":
+        """The same mesh without vertices that no face uses (isolated valid pixels)."""
+        n = self.vertices.shape[0]
+        used = torch.zeros(n, dtype=torch.bool)
+        if self.faces.numel():
+            used[self.faces.reshape(-1)] = True
+        remap = torch.cumsum(used.long(), 0) - 1
+        return RGBDMesh(
+            vertices=self.vertices[used], faces=remap[self.faces], colors=self.colors[used], uv=self.uv[used],
+            texture=self.texture, pixel_index=self.pixel_index[used], grid_size=self.grid_size,
+            depth=self.depth[used],
+        )
+
+
+# ---- depth values ------------------------------------------------------------------------------------
+
+def depth_from_map(values: torch.Tensor, kind: str = "depth", scale: float = 1.0, shift: float = 0.0,
+                   near: Optional[float] = None, far: Optional[float] = None) -> torch.Tensor:
+    """Turn a depth or disparity map into depth.
+
+    * ``kind="depth"``: ``depth = v·scale + shift``.
+    * ``kind="disparity"``: ``depth = 1 / (v·scale + shift)`` (JointNet's official mesh script).
+    * ``near``/``far`` (both or neither) replace ``scale``/``shift`` so that a 0–1 map spans
+      ``[near, far]``: depth maps 0 → near, 1 → far; disparity maps 1 → near, 0 → far (linear in 1/depth).
+
+    Args:
+        values: map of any shape.
+    Returns:
+        Depth of the same shape; invalid pixels (NaN, ±inf, ``≤ 0``, zero disparity) are NaN.
+    """
+    if kind not in DEPTH_KINDS:
+        raise ValueError(f"depth kind must be one of {DEPTH_KINDS}, got {kind!r}")
+    if (near is None) != (far is None):
+        raise ValueError("give both near and far (or neither)")
+    if near is not None:
+        if (scale, shift) != (1.0, 0.0):
+            raise ValueError("give either near/far or scale/shift, not both")
+        near, far = float(near), float(far)
+        if not (math.isfinite(near) and math.isfinite(far)) or far <= near or near < 0 or \
+                (kind == "disparity" and near <= 0):
+            raise ValueError(f"need 0 {'<' if kind == 'disparity' else '<='} near < far (finite), "
+                             f"got near={near}, far={far}")
+        if kind == "depth":
+            scale, shift = far - near, near
+        else:
+            scale, shift = 1.0 / near - 1.0 / far, 1.0 / far
+    v = values.float() * float(scale) + float(shift)
+    d = 1.0 / v if kind == "disparity" else v
+    return torch.where(torch.isfinite(d) & (d > 0), d, torch.full_like(d, float("nan")))
+
+
+# ---- unprojection -----------------------------------------------------------------------------------
+
+def perspective_intrinsics(height: int, width: int, fov_deg: float) -> torch.Tensor:
+    """``[3, 3]`` pinhole matrix with horizontal field of view ``fov_deg`` across the image edges."""
+    if not (0.0 < fov_deg < 180.0):
+        raise ValueError(f"fov_deg must be in (0, 180), got {fov_deg}")
+    f = (width / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+    return torch.tensor([[f, 0.0, (width - 1) / 2.0], [0.0, f, (height - 1) / 2.0], [0.0, 0.0, 1.0]],
+                        dtype=torch.float64)
+
+
+def scale_intrinsics(K: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+    """Intrinsics ``[3, 3]`` for the same camera sampled on a ``dst_hw`` grid (pixel centres kept)."""
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    K = K.double().clone()
+    K[0, 0] *= sx
+    K[1, 1] *= sy
+    K[0, 1] *= sx
+    K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
+    K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+    return K
+
+
+def _pixel_grid(h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from kornia.geometry import create_meshgrid
+    except ImportError:  # kornia < 0.8.3
+        from kornia.utils import create_meshgrid
+
+    g = create_meshgrid(h, w, normalized_coordinates=False, device=device, dtype=dtype)[0]  # [h,w,2] (x,y)
+    return g[..., 0], g[..., 1]
+
+
+def unproject(depth: torch.Tensor, projection: str = "perspective", *, fov_deg: float = 60.0,
+              intrinsics: Optional[torch.Tensor] = None, horizontal_span_deg: float = 180.0) -> torch.Tensor:
+    """Per-pixel 3-D points (glTF frame) of a depth map.
+
+    Args:
+        depth: ``[h, w]`` depth (meaning per projection: see the module docstring). Must be finite where
+            the result is used; invalid pixels may hold any finite placeholder.
+        projection: one of :data:`PROJECTIONS`.
+        fov_deg: horizontal field of view of the perspective camera (ignored when ``intrinsics`` given).
+        intrinsics: ``[3, 3]`` pinhole matrix for this ``h×w`` grid (OpenCV convention, pixels).
+        horizontal_span_deg: azimuth range of a cylindrical panorama, in ``(0, 360]``.
+    Returns:
+        ``[h, w, 3]`` float32 points.
+    """
+    h, w = depth.shape
+    d = depth.double()
+    if projection == "perspective":
+        from kornia.geometry.depth import depth_to_3d_v2
+
+        K = perspective_intrinsics(h, w, fov_deg) if intrinsics is None else intrinsics.double()
+        if K.shape != (3, 3):
+            raise ValueError(f"intrinsics must be a [3,3] matrix, got {tuple(K.shape)}")
+        p = depth_to_3d_v2(d, K[None].to(d.device))[0]  # OpenCV camera frame: x right, y down, z forward
+        return torch.stack([p[..., 0], -p[..., 1], -p[..., 2]], -1).float()
+    u, v = _pixel_grid(h, w, d.device, torch.float64)
+    if projection == "cylindrical":
+        span = math.radians(_check_span(horizontal_span_deg))
+        f = w / span
+        theta = (u - (w - 1) / 2.0) / f
+        return torch.stack([d * torch.sin(theta), -(v - (h - 1) / 2.0) / f * d, -d * torch.cos(theta)], -1).float()
+    if projection == "equirectangular":
+        theta = (u - (w - 1) / 2.0) * (2 * math.pi / w)
+        phi = -(v - (h - 1) / 2.0) * (math.pi / h)
+        c = torch.cos(phi)
+        return torch.stack([d * c * torch.sin(theta), d * torch.sin(phi), -d * c * torch.cos(theta)], -1).float()
+    raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+
+
+def _check_span(span_deg: float) -> float:
+    if not (0.0 < float(span_deg) <= 360.0):
+        raise ValueError(f"horizontal_span_deg must be in (0, 360], got {span_deg}")
+    return float(span_deg)
+
+
+def wraps_around(projection: str, horizontal_span_deg: float = 180.0) -> bool:
+    """Whether the last column is joined to the first (360° cylinder, every equirectangular map)."""
+    return projection == "equirectangular" or (projection == "cylindrical" and
+                                               abs(_check_span(horizontal_span_deg) - 360.0) < 1e-6)
+
+
+# ---- faces ------------------------------------------------------------------------------------------
+
+def grid_faces(h: int, w: int, wrap: bool = False) -> torch.Tensor:
+    """Two triangles per 2×2 pixel block of an ``h×w`` grid (flat indices ``row·w + col``).
+
+    Quad ``a=(r,c), b=(r+1,c), c=(r,c+1), d=(r+1,c+1)`` → ``(a, b, c)`` and ``(c, b, d)``: counter-clockwise
+    as seen from the camera (columns go right, rows go down). With ``wrap`` the column after ``w−1`` is 0.
+
+    Returns:
+        ``[2·(h−1)·(w−1 or w), 3]`` int64.
+    """
+    idx = torch.arange(h * w, dtype=torch.int64).view(h, w)
+    if wrap:
+        idx = torch.cat([idx, idx[:, :1]], 1)
+    a, b = idx[:-1, :-1], idx[1:, :-1]
+    c, d = idx[:-1, 1:], idx[1:, 1:]
+    t1 = torch.stack([a, b, c], -1).reshape(-1, 3)
+    t2 = torch.stack([c, b, d], -1).reshape(-1, 3)
+    return torch.cat([t1, t2], 0)
+
+
+def _quad_corners(x: torch.Tensor, wrap: bool) -> tuple[torch.Tensor, ...]:
+    """Corners ``a, b, c, d`` (see :func:`grid_faces`) of every quad of an ``[h, w]`` grid, as views."""
+    if wrap:
+        x = torch.cat([x, x[:, :1]], 1)
+    return x[:-1, :-1], x[1:, :-1], x[:-1, 1:], x[1:, 1:]
+
+
+def grid_face_keep(valid: torch.Tensor, depth: torch.Tensor, threshold: float, wrap: bool = False) -> torch.Tensor:
+    """Which faces of :func:`grid_faces` to keep: all three corners valid and, if ``threshold > 0``, the
+    relative depth spread ``(max − min) / min`` of the triangle ``≤ threshold`` (the discontinuity cut).
+
+    Works on the pixel grid (shifted slices, no gather over faces).
+
+    Args:
+        valid: ``[h, w]`` bool.
+        depth: ``[h, w]`` positive where valid (any finite value elsewhere).
+        threshold: relative jump; ``≤ 0`` disables cutting.
+        wrap: as in :func:`grid_faces`.
+    Returns:
+        ``[F]`` bool in the order of ``grid_faces(h, w, wrap)``.
+    """
+    va, vb, vc, vd = _quad_corners(valid, wrap)
+    k1, k2 = va & vb & vc, vc & vb & vd
+    if threshold > 0:
+        da, db, dc, dd = _quad_corners(depth, wrap)
+        bc_lo, bc_hi = torch.minimum(db, dc), torch.maximum(db, dc)
+        lo1, hi1 = torch.minimum(bc_lo, da), torch.maximum(bc_hi, da)
+        lo2, hi2 = torch.minimum(bc_lo, dd), torch.maximum(bc_hi, dd)
+        k1 = k1 & ((hi1 - lo1) <= threshold * lo1)
+        k2 = k2 & ((hi2 - lo2) <= threshold * lo2)
+    return torch.cat([k1.reshape(-1), k2.reshape(-1)])
+
+
+# ---- input handling ---------------------------------------------------------------------------------
+
+def estimate_mesh_bytes(height: int, width: int, downsample: int = 1) -> int:
+    """Conservative peak memory (bytes) for building and writing one mesh of an image this size."""
+    h, w = _grid_size(height, width, downsample)
+    return h * w * BYTES_PER_VERTEX
+
+
+def _grid_size(height: int, width: int, downsample: int) -> tuple[int, int]:
+    return max(1, height // downsample), max(1, width // downsample)
+
+
+def _suggest_downsample(height: int, width: int, downsample: int, max_bytes: int) -> int:
+    k = max(1, downsample)
+    while estimate_mesh_bytes(height, width, k) > max_bytes and k < max(height, width):
+        k += 1
+    return k
+
+
+def _as_batch(image: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be [3,H,W] or [B,3,H,W] (RGB, channels first), got {tuple(image.shape)}")
+    if depth.ndim == 2:
+        depth = depth[None]
+    if depth.ndim == 4:
+        if depth.shape[1] != 1:
+            raise ValueError(f"depth must have one channel ([B,1,H,W]); got {tuple(depth.shape)} — "
+                             "take one channel or the channel mean first")
+        depth = depth[:, 0]
+    if depth.ndim != 3:
+        raise ValueError(f"depth must be [H,W], [B,H,W] or [B,1,H,W], got {tuple(depth.shape)}")
+    bi, bd = image.shape[0], depth.shape[0]
+    if bi != bd:
+        if bi != 1 and bd != 1:
+            raise ValueError(f"image batch {bi} and depth batch {bd} differ: give equal batches or one of them 1")
+        b = max(bi, bd)
+        image, depth = image.expand(b, -1, -1, -1), depth.expand(b, -1, -1)
+    return image, depth
+
+
+def _resize_masked(x: torch.Tensor, valid: torch.Tensor, size: tuple[int, int], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize ``x [C,H,W]`` ignoring invalid pixels; a pixel stays valid only if its whole support was."""
+    from kornia.geometry.transform import resize
+
+    wgt = valid.to(x.dtype)[None]
+    num = torch.where(valid[None], x, torch.zeros_like(x)) * wgt
+    if mode == "area":
+        num_r = F.interpolate(num[None], size=size, mode="area")[0]
+        wgt_r = F.interpolate(wgt[None], size=size, mode="area")[0]
+    else:
+        num_r = resize(num, size, interpolation="bilinear", align_corners=False)
+        wgt_r = resize(wgt, size, interpolation="bilinear", align_corners=False)
+    ok = wgt_r[0] > 1.0 - 1e-4
+    return num_r / wgt_r.clamp_min(1e-12), ok
+
+
+# ---- the builder ------------------------------------------------------------------------------------
+
+def rgbd_to_mesh(
+    image: torch.Tensor,
+    depth: torch.Tensor,
+    *,
+    projection: str = "perspective",
+    fov_deg: float = 60.0,
+    intrinsics: Optional[torch.Tensor] = None,
+    horizontal_span_deg: float = 180.0,
+    depth_kind: str = "depth",
+    scale: float = 1.0,
+    shift: float = 0.0,
+    near: Optional[float] = None,
+    far: Optional[float] = None,
+    discontinuity_threshold: float = 0.1,
+    downsample: int = 1,
+    resize_depth: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> list[RGBDMesh]:
+    """Build one mesh per batch item from an RGB image and a depth/disparity map.
+
+    Args:
+        image: ``[3, H, W]`` or ``[B, 3, H, W]`` float RGB in 0–1.
+        depth: ``[H', W']``, ``[B, H', W']`` or ``[B, 1, H', W']`` depth or disparity map (a batch of 1 on
+            either side is broadcast). A different size is resized to ``H×W`` (bilinear, invalid pixels
+            excluded; a warning is logged if the aspect ratio differs) unless ``resize_depth=False``,
+            which raises instead.
+        projection: ``"perspective"``, ``"cylindrical"`` or ``"equirectangular"``.
+        fov_deg: horizontal field of view (perspective).
+        intrinsics: optional ``[3, 3]`` pinhole matrix in pixels of the ``H×W`` image (overrides fov).
+        horizontal_span_deg: azimuth range of a cylindrical panorama (360 closes the seam).
+        depth_kind, scale, shift, near, far: see :func:`depth_from_map`.
+        discontinuity_threshold: cut triangles whose relative depth spread exceeds this (``≤ 0``: never).
+        downsample: integer factor; the vertex grid is ``(H//k) × (W//k)`` (area-averaged colours and
+            depths), the UV texture keeps the full resolution.
+        resize_depth: resize a depth map of another size (else raise).
+        max_bytes: memory guard; raises ``ValueError`` with the estimate and a ``downsample`` that fits.
+    Returns:
+        ``B`` :class:`RGBDMesh` (possibly empty when no pixel is valid; writing an empty one raises).
+    """
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if projection == "cylindrical":
+        _check_span(horizontal_span_deg)
+    if projection == "perspective" and intrinsics is None:
+        perspective_intrinsics(2, 2, fov_deg)  # validates fov
+    if int(downsample) != downsample or downsample < 1:
+        raise ValueError(f"downsample must be an integer ≥ 1, got {downsample}")
+    downsample = int(downsample)
+    if not torch.is_tensor(image) or not torch.is_tensor(depth):
+        raise ValueError("image and depth must be torch tensors")
+    image, depth = _as_batch(image, depth)
+    B, _, H, W = image.shape
+    need = estimate_mesh_bytes(H, W, downsample)
+    if need > max_bytes:
+        k = _suggest_downsample(H, W, downsample, max_bytes)
+        raise ValueError(
+            f"a mesh of {H}x{W} pixels with downsample={downsample} needs about {need / 2**30:.2f} GiB "
+            f"(limit {max_bytes / 2**30:.2f} GiB, about {BYTES_PER_VERTEX} bytes per vertex): set "
+            f"downsample={k} (or more), use a smaller image, or raise the memory limit (max_memory_gb on the node, max_bytes here) if you have the RAM")
+    h, w = _grid_size(H, W, downsample)
+    wrap = wraps_around(projection, horizontal_span_deg) and w > 2
+    faces_all = grid_faces(h, w, wrap)
+
+    meshes = []
+    for i in range(B):  # per batch item, not per pixel
+        img = image[i].float().cpu()
+        dm = depth_from_map(depth[i].cpu(), depth_kind, scale, shift, near, far)
+        valid = torch.isfinite(dm)
+        if dm.shape != (H, W):
+            if not resize_depth:
+                raise ValueError(f"depth map is {tuple(dm.shape)} but the image is {(H, W)}: resize it to "
+                                 "the image size (or allow resize_depth)")
+            if abs(dm.shape[0] / dm.shape[1] - H / W) > 0.01 * H / W:
+                log.warning("depth map %s and image %s have different aspect ratios; stretching the depth",
+                            tuple(dm.shape), (H, W))
+            dm, valid = _resize_masked(dm[None], valid, (H, W), "bilinear")
+            dm = dm[0]
+        img = torch.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+        texture = img
+        if (h, w) != (H, W):
+            dm, valid = _resize_masked(dm[None], valid, (h, w), "area")
+            dm = dm[0]
+            img = F.interpolate(img[None], size=(h, w), mode="area")[0]
+        valid = valid & torch.isfinite(dm) & (dm > 0)
+        dsafe = torch.where(valid, dm, torch.ones_like(dm))
+
+        K = None
+        if intrinsics is not None:
+            K = scale_intrinsics(torch.as_tensor(intrinsics), (H, W), (h, w))
+        pts = unproject(dsafe, projection, fov_deg=fov_deg, intrinsics=K, horizontal_span_deg=horizontal_span_deg)
+        valid = valid & torch.isfinite(pts).all(-1)
+
+        vflat = valid.reshape(-1)
+        dflat = dsafe.reshape(-1)
+        keep = grid_face_keep(valid, dsafe, discontinuity_threshold, wrap)
+        remap = torch.cumsum(vflat.long(), 0) - 1
+        faces = remap[faces_all[keep]]
+        pix = torch.nonzero(vflat).reshape(-1)
+        rows, cols = pix // w, pix % w
+        uv = torch.stack([(cols.float() + 0.5) / w, 1.0 - (rows.float() + 0.5) / h], -1)
+        meshes.append(RGBDMesh(
+            vertices=pts.reshape(-1, 3)[pix].contiguous(), faces=faces.contiguous(),
+            colors=img.reshape(3, -1)[:, pix].T.contiguous(), uv=uv, texture=texture, pixel_index=pix,
+            grid_size=(h, w), depth=dflat[pix].float(),
+        ))
+    return meshes
+
+
+# ---- trimesh / files --------------------------------------------------------------------------------
+
+def _to_uint8(colors: torch.Tensor) -> "np.ndarray":
+    import numpy as np
+
+    c = (colors.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    return np.concatenate([c, np.full((c.shape[0], 1), 255, np.uint8)], 1)
+
+
+def texture_image(texture: torch.Tensor):
+    """``[3, H, W]`` 0–1 → PIL RGB image."""
+    from PIL import Image
+
+    arr = (texture.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals ``[N, 3]`` (sum of the adjacent faces' cross products).
+
+    Vertices without a face get ``(0, 0, 1)``.
+    """
+    v = vertices.float()
+    p0 = v[faces[:, 0]]
+    fn = torch.linalg.cross(v[faces[:, 1]] - p0, v[faces[:, 2]] - p0)  # 2·area·normal
+    n = torch.zeros_like(v)
+    for k in range(3):
+        n.index_add_(0, faces[:, k], fn)
+    length = n.norm(dim=1, keepdim=True)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=v.dtype).expand_as(n)
+    return torch.where(length > 0, n / length.clamp_min(1e-30), up)
+
+
+def to_trimesh(mesh: RGBDMesh, color: str = "vertex", point_cloud: bool = False, normals: bool = True):
+    """A ``trimesh.Trimesh`` (or ``trimesh.PointCloud``) with vertex colours, a UV texture or no colour.
+
+    With ``normals`` the vertex normals are computed here (vectorised torch, much faster than trimesh's
+    on large grids) and handed to trimesh.
+    """
+    import trimesh
+
+    if color not in COLOR_MODES:
+        raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
+    v = mesh.vertices.double().numpy()
+    if point_cloud:
+        return trimesh.PointCloud(v, colors=_to_uint8(mesh.colors) if color != "none" else None)
+    f = mesh.faces.numpy()
+    vn = vertex_normals(mesh.vertices, mesh.faces).double().numpy() if normals and f.shape[0] else None
+    if color == "texture":
+        visual = trimesh.visual.TextureVisuals(uv=mesh.uv.double().numpy(), image=texture_image(mesh.texture))
+        return trimesh.Trimesh(v, f, vertex_normals=vn, visual=visual, process=False, validate=False)
+    vc = _to_uint8(mesh.colors) if color == "vertex" else None
+    return trimesh.Trimesh(v, f, vertex_normals=vn, vertex_colors=vc, process=False, validate=False)
+
+
+def unique_path(path: Union[str, os.PathLike], companions: Sequence[str] = ()) -> str:
+    """``path`` if free, else ``<stem>_0001<ext>``, ``<stem>_0002<ext>``… — the first name that is free.
+
+    ``companions`` are extra extensions (e.g. ``(".mtl", ".png")``) whose files next to the chosen name
+    must be free too. Never returns an existing path (the writer still opens with ``"xb"``).
+    """
+    path = os.fspath(path)
+    stem, ext = os.path.splitext(path)
+
+    def free(s: str) -> bool:
+        return not any(os.path.lexists(s + e) for e in (ext, *companions))
+
+    if free(stem):
+        return path
+    n = 1
+    while not free(f"{stem}_{n:04d}"):
+        n += 1
+    return f"{stem}_{n:04d}{ext}"
+
+
+def _write_new(path: str, data: bytes) -> None:
+    with open(path, "xb") as fh:  # "x": fails instead of overwriting
+        fh.write(data)
+
+
+def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Optional[str] = None, *,
+                color: str = "vertex", normals: bool = True) -> list[str]:
+    """Write ``mesh`` to a new file (never overwrites: a taken name gets a ``_0001`` suffix).
+
+    Args:
+        mesh: from :func:`rgbd_to_mesh`.
+        path: target path; its extension is replaced by the format's.
+        file_format: ``"glb"``, ``"ply"``, ``"obj"`` or ``"pointcloud_ply"`` (default: from the extension).
+        color: ``"vertex"`` colours, ``"texture"`` (UV + full-resolution image; GLB and OBJ only — PLY falls
+            back to vertex colours), or ``"none"``.
+        normals: include vertex normals (GLB, PLY, OBJ meshes).
+    Returns:
+        The written paths; the first is the mesh (OBJ textures add ``.mtl`` and ``.png`` beside it).
+    """
+    path = os.fspath(path)
+    stem, ext = os.path.splitext(path)
+    fmt = file_format or ext.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"file format must be one of {FORMATS}, got {fmt!r}")
+    if color not in COLOR_MODES:
+        raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
+    if mesh.is_empty:
+        raise ValueError("no valid depth pixel: every depth value is NaN, infinite or ≤ 0 after the "
+                         "depth/disparity mapping — check depth_kind, near/far or scale/shift")
+    point_cloud = fmt == "pointcloud_ply"
+    if not point_cloud:
+        mesh = mesh.compact()
+        if mesh.faces.shape[0] == 0:
+            raise ValueError("no triangle left (too few valid neighbouring pixels, or every triangle was cut at "
+                             "a depth discontinuity): raise discontinuity_threshold, lower downsample, or "
+                             "write a point cloud instead")
+    if fmt in ("ply", "pointcloud_ply") and color == "texture":
+        color = "vertex"
+    tm = to_trimesh(mesh, color=color, point_cloud=point_cloud, normals=normals)
+    dirname = os.path.dirname(path)
+    if dirname:
+        os.makedirs(dirname, exist_ok=True)
+
+    out_ext = ".ply" if point_cloud else "." + fmt
+    companions = (".mtl", ".png") if fmt == "obj" and color == "texture" else ()
+    while True:
+        target = unique_path(stem + out_ext, companions)
+        try:
+            return _write_files(tm, target, fmt, color, normals)
+        except FileExistsError:  # lost a race for the name: pick the next one
+            continue
+
+
+def _write_files(tm, target: str, fmt: str, color: str, normals: bool) -> list[str]:
+    from trimesh.exchange.gltf import export_glb
+    from trimesh.exchange.obj import export_obj
+    from trimesh.exchange.ply import export_ply
+
+    if fmt == "glb":
+        _write_new(target, export_glb(tm, include_normals=normals))
+        return [target]
+    if fmt in ("ply", "pointcloud_ply"):
+        _write_new(target, export_ply(tm, encoding="binary", vertex_normal=normals if fmt == "ply" else False))
+        return [target]
+    # OBJ
+    stem = os.path.splitext(target)[0]
+    base = os.path.basename(stem)
+    if color != "texture":
+        text = export_obj(tm, include_normals=normals, include_color=color == "vertex", include_texture=False)
+        _write_new(target, text.encode())
+        return [target]
+    text, files = export_obj(tm, include_normals=normals, include_texture=True, return_texture=True,
+                             mtl_name=base + ".mtl")
+    mtl = files[base + ".mtl"].decode()
+    for name in files:  # trimesh names the image after the material; give it this mesh's name
+        if name.lower().endswith(".png"):
+            mtl = mtl.replace(name, base + ".png")
+    import io
+
+    buf = io.BytesIO()
+    tm.visual.material.image.save(buf, format="PNG")
+    paths = [target, stem + ".mtl", stem + ".png"]
+    written: list[str] = []
+    try:
+        for p, data in zip(paths, (text.encode(), mtl.encode(), buf.getvalue())):
+            _write_new(p, data)
+            written.append(p)
+    except FileExistsError:  # a companion name was taken meanwhile: undo this attempt, caller retries
+        for p in written:
+            os.remove(p)
+        raise
+    return paths
