@@ -30,6 +30,7 @@ def L(src, src_out, dst, dst_in):
 
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
+EXAMPLE = "jointdiffusion_example.png"  # put your own picture in ComfyUI/input and pick it in LoadImage
 
 SPECS = {
     "trailing_ddim_txt2img": {
@@ -50,6 +51,69 @@ SPECS = {
             L(2, "CONDITIONING", 7, "positive"), L(3, "CONDITIONING", 7, "negative"),
             L(6, "SAMPLER", 7, "sampler"), L(5, "SIGMAS", 7, "sigmas"), L(4, "LATENT", 7, "latent_image"),
             L(7, "output", 8, "samples"), L(1, "VAE", 8, "vae"), L(8, "IMAGE", 9, "images"),
+        ],
+    },
+    "diff2in1_depth_and_paired_data": {
+        "title": "Diff-2-in-1: depth from one UNet pass + paired-data creation (noise to T=600, DDIM back, label)",
+        "nodes": [
+            N(1, "LoadImage", [40, 40], image=EXAMPLE),
+            N(2, "ImageScale", [40, 380], upscale_method="bilinear", width=512, height=512, crop="center"),
+            N(3, "JDDiff2in1Loader", [420, 40], sd_model="stable-diffusion-v1-5", head="diff2in1-depth-head"),
+            N(4, "JDDiff2in1Predict", [420, 240], resolution=512),
+            N(5, "SaveImage", [800, 40], filename_prefix="jointdiffusion/diff2in1_depth"),
+            N(6, "JDDiff2in1CreatePairs", [420, 460], T=600, steps=50, seed=0, per_image=1, resolution=512,
+              folder_prefix="diff2in1_pairs", captions="a room with a red box and a green ball"),
+            N(7, "SaveImage", [800, 380], filename_prefix="jointdiffusion/diff2in1_created"),
+            N(8, "SaveImage", [800, 700], filename_prefix="jointdiffusion/diff2in1_labels"),
+        ],
+        "links": [
+            L(1, "IMAGE", 2, "image"), L(3, "diff2in1", 4, "diff2in1"), L(2, "IMAGE", 4, "image"),
+            L(4, "prediction", 5, "images"), L(3, "diff2in1", 6, "diff2in1"), L(2, "IMAGE", 6, "images"),
+            L(6, "created_images", 7, "images"), L(6, "labels", 8, "images"),
+        ],
+    },
+    "mt_diffusion_masked_restoration": {
+        "title": "MT-Diffusion constrained restoration: regenerate a masked square, keep every other pixel",
+        "nodes": [
+            N(1, "CheckpointLoaderSimple", [40, 40], ckpt_name=SD15),
+            N(2, "CLIPTextEncode", [420, 40], text="a tidy room, soft light"),
+            N(3, "CLIPTextEncode", [420, 240], text="blurry"),
+            N(4, "LoadImage", [40, 300], image=EXAMPLE),
+            N(5, "ImageScale", [40, 640], upscale_method="bilinear", width=512, height=384, crop="center"),
+            N(6, "VAEEncode", [420, 440]),
+            N(7, "SolidMask", [40, 860], value=0.0, width=512, height=384),
+            N(8, "SolidMask", [40, 1000], value=1.0, width=128, height=128),
+            N(9, "MaskComposite", [420, 860], x=192, y=128, operation="add"),
+            N(10, "SetLatentNoiseMask", [800, 440]),
+            N(11, "JDTrailingDDIMSigmas", [800, 40], steps=20, spacing="trailing", zero_terminal_snr=False),
+            N(12, "JDMTDiffusionRestoreSampler", [800, 240], modality_weight=0.0),
+            N(13, "SamplerCustom", [1180, 40], add_noise=True, noise_seed=3, cfg=7.0),
+            N(14, "VAEDecode", [1560, 40]),
+            N(15, "SaveImage", [1780, 40], filename_prefix="jointdiffusion/mt_restore"),
+        ],
+        "links": [
+            L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip"), L(4, "IMAGE", 5, "image"), L(5, "IMAGE", 6, "pixels"),
+            L(1, "VAE", 6, "vae"), L(7, "MASK", 9, "destination"), L(8, "MASK", 9, "source"),
+            L(6, "LATENT", 10, "samples"), L(9, "MASK", 10, "mask"), L(1, "MODEL", 11, "model"),
+            L(1, "MODEL", 13, "model"), L(2, "CONDITIONING", 13, "positive"), L(3, "CONDITIONING", 13, "negative"),
+            L(12, "SAMPLER", 13, "sampler"), L(11, "SIGMAS", 13, "sigmas"), L(10, "LATENT", 13, "latent_image"),
+            L(13, "output", 14, "samples"), L(1, "VAE", 14, "vae"), L(14, "IMAGE", 15, "images"),
+        ],
+    },
+    "image_to_depth_to_mesh": {
+        "title": "Single image → depth (Diff-2-in-1 head) → textured mesh (GLB)",
+        "nodes": [
+            N(1, "LoadImage", [40, 40], image=EXAMPLE),
+            N(2, "ImageScale", [40, 380], upscale_method="bilinear", width=512, height=384, crop="center"),
+            N(3, "JDDiff2in1Loader", [420, 40], sd_model="stable-diffusion-v1-5", head="diff2in1-depth-head"),
+            N(4, "JDDiff2in1Predict", [420, 240], resolution=512),
+            N(5, "JDRGBDToMesh", [800, 40], projection="perspective", fov_deg=60.0, depth_kind="depth", near=1.0,
+              far=5.0, discontinuity_threshold=0.1, downsample=1, format="glb",
+              filename_prefix="jointdiffusion/depth_mesh", color="texture"),
+        ],
+        "links": [
+            L(1, "IMAGE", 2, "image"), L(3, "diff2in1", 4, "diff2in1"), L(2, "IMAGE", 4, "image"),
+            L(2, "IMAGE", 5, "image"), L(4, "prediction", 5, "depth"),
         ],
     },
 }

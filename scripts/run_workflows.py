@@ -28,7 +28,7 @@ def main() -> int:
         comfy = H.comfyui_dir()
         import tempfile
         work = Path(tempfile.mkdtemp(prefix="jd-run-"))
-        with H.ComfyServer(comfy, work, checkpoints=H.tiny_models(comfy, H.workflows(), work)) as s:
+        with H.ComfyServer(comfy, work, **H.tiny_models(comfy, H.workflows(), work)) as s:
             Path(a.save_object_info).write_text(json.dumps(s.object_info))
             res = H.run_workflows(a.workflow, Path(a.out), tiny=not a.full_size, server=s)
     else:

@@ -29,7 +29,7 @@ def comfy_dir() -> Path:
 @pytest.fixture(scope="session")
 def server(comfy_dir):
     work = Path(tempfile.mkdtemp(prefix="jd-it-"))
-    s = H.ComfyServer(comfy_dir, work, checkpoints=H.tiny_models(comfy_dir, H.workflows(), work))
+    s = H.ComfyServer(comfy_dir, work, **H.tiny_models(comfy_dir, H.workflows(), work))
     s.start()
     print(f"\nComfyUI {H.comfyui_version(comfy_dir)} at {comfy_dir}: ready in {s.startup_s:.1f}s")
     yield s

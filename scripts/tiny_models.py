@@ -1,0 +1,73 @@
+"""Tiny random model folders in the public layouts, for running the shipped workflows on the CPU.
+
+Each builder writes one folder the way users place real models under ComfyUI's ``models/`` (a
+diffusers SD folder, a Marigold/E2E-FT predictor folder, an official-layout JointNet folder, a
+Diff-2-in-1 head); they are cached in ``JD_CACHE`` and linked into each run's throw-away models folder.
+Widths follow the tiny checkpoint's CLIP-L (768) where a workflow feeds ComfyUI CONDITIONING in.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+VERSION = "2"
+for p in (REPO, REPO / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def _sd_folder(root: Path) -> None:
+    """diffusers text-to-image folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ (SD schedule, ε)."""
+    from diffusers import DDIMScheduler
+
+    from predictor_ckpt import tiny_clip_tokenizer
+    from tiny import tiny_text_encoder, tiny_unet, tiny_vae
+
+    tiny_unet(cross_attention_dim=32).save_pretrained(str(root / "unet"))
+    tiny_vae().save_pretrained(str(root / "vae"))
+    tiny_text_encoder(hidden_size=32).save_pretrained(str(root / "text_encoder"))
+    tiny_clip_tokenizer(str(root / "_tok")).save_pretrained(str(root / "tokenizer"))
+    shutil.rmtree(root / "_tok", ignore_errors=True)
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                  set_alpha_to_one=False, clip_sample=False).save_pretrained(str(root / "scheduler"))
+
+
+def _diff2in1_head(root: Path) -> None:
+    """A depth head sized for the tiny SD folder's UNet features."""
+    from jointcore import diff2in1 as D
+    from tiny import tiny_unet
+
+    ext = D.UNetFeatureExtractor(tiny_unet(cross_attention_dim=32))
+    ch = ext.channels((8, 8), 4)
+    D.save_head(D.TaskHead(D.HeadConfig("depth", list(ch), None, width=16, upscale_steps=1)), str(root))
+
+
+# models/<folder>/<name>: named as the shipped workflows name the real models, so the workflows run
+# unchanged on the tiny stand-ins (which are random: they prove the path, not the pictures).
+BUILDERS: dict[str, dict[str, Callable[[Path], None]]] = {
+    "diffusers": {"stable-diffusion-v1-5": _sd_folder},
+    "diff2in1": {"diff2in1-depth-head": _diff2in1_head},
+}
+
+
+def build(cache: Path) -> dict[str, list[Path]]:
+    """Build (once) every tiny model folder; returns ``{models_subfolder: [paths]}``."""
+    out: dict[str, list[Path]] = {}
+    for folder, items in BUILDERS.items():
+        for name, fn in items.items():
+            dst = cache / "tiny_models" / f"v{VERSION}" / folder / name
+            if not dst.exists():
+                tmp = dst.with_name(f"{name}.{os.getpid()}.part")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                fn(tmp)
+                try:
+                    tmp.rename(dst)
+                except OSError:  # built concurrently
+                    shutil.rmtree(tmp, ignore_errors=True)
+            out.setdefault(folder, []).append(dst)
+    return out
