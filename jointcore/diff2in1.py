@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import prediction as P
+from ._deps import require
 from .denoiser import DiffusersUNetDenoiser, TextConditioning
 from .sampling import ddim_sample
 from .schedules import ddim_timesteps
@@ -664,7 +665,7 @@ def resize_pair(image: torch.Tensor, label: Optional[torch.Tensor], size: int, t
     square ``size`` (multiple of 8)."""
     if size % 8:
         raise ValueError(f"resolution must be a multiple of 8 (the VAE factor), got {size}")
-    import kornia
+    kornia = require("kornia", "Resizing Diff-2-in-1 training pairs")
     img = kornia.geometry.transform.resize(image[None], (size, size), interpolation="bilinear", antialias=True)[0]
     if label is None or label.numel() == 0:
         return img.clamp(0, 1), label

@@ -38,6 +38,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ._deps import require
+
 log = logging.getLogger(__name__)
 
 PROJECTIONS = ("perspective", "cylindrical", "equirectangular")
@@ -475,7 +477,7 @@ def to_trimesh(mesh: RGBDMesh, color: str = "vertex", point_cloud: bool = False,
     With ``normals`` the vertex normals are computed here (vectorised torch, much faster than trimesh's
     on large grids) and handed to trimesh.
     """
-    import trimesh
+    trimesh = require("trimesh", "Writing mesh files")
 
     if color not in COLOR_MODES:
         raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
