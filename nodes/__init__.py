@@ -15,6 +15,10 @@ CAPABILITIES = {
     "schedule": "the pack's requirements (pip install -r requirements.txt)",
     "mesh": "trimesh and kornia (pip install -r requirements.txt)",
     "diff2in1": "diffusers, transformers and kornia (pip install -r requirements.txt)",
+    "jointnet": "diffusers (pip install -r requirements.txt)",
+    "predictor": "diffusers, transformers and kornia (pip install -r requirements.txt)",
+    "panorama": "diffusers and lpips (pip install -r requirements.txt)",
+    "panorama_view": "the pack's requirements (pip install -r requirements.txt)",
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

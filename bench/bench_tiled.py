@@ -1,0 +1,160 @@
+"""Benchmark of tiled panorama sampling and tiled VAE decoding (one run, same model and size).
+
+Prints, measured in this run:
+  * SyncDiffusion / MultiDiffusion wall-time ratio and NFE counts, for the papers' settings (MultiDiffusion
+    stride 8/64 of the window; SyncDiffusion stride 16/64, w 20, decay 0.95, sync every step) and for the
+    recommended fast settings (sync only the first 20 % of steps, 4 views per call), and the JointNet strategy;
+  * the view-batching speed-up (MultiDiffusion, 1 vs 8 views per denoiser call);
+  * peak memory of tiled vs whole-image VAE decoding (peak RSS growth, sampled every 0.5 ms, of a fresh
+    subprocess each; torch's CPU allocator returns large blocks to the OS, so RSS follows live tensors).
+
+Defaults use tiny random models (tests/tiny.py) at small sizes so it finishes in < 2 minutes on a CPU;
+geometry is the papers' scaled by ``--window/64`` (window 64 latents → ``--window``).
+
+    python bench/bench_tiled.py                         # small default
+    python bench/bench_tiled.py --steps 50 --window 64 --pano-h 64 --pano-w 256 --lpips vgg  # paper geometry
+    python bench/bench_tiled.py --decode-h 128 --decode-w 512                          # 4096x1024 decode
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import torch  # noqa: E402
+
+from jointcore.denoiser import DiffusersUNetDenoiser, TextConditioning  # noqa: E402
+from jointcore.metrics_pano import load_lpips  # noqa: E402
+from jointcore.schedules import alphas_cumprod, ddim_timesteps  # noqa: E402
+from jointcore.tiled import TiledConfig, TiledStats, tiled_decode, tiled_sample  # noqa: E402
+
+
+def _decode_worker(mode: str, h: int, w: int, tile: int, circular: bool) -> None:
+    from tiny import tiny_vae
+    vae = tiny_vae()
+    z = torch.randn(1, 4, h, w)
+
+    def dec(x):
+        return vae.decode(x / 0.18215).sample
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    peak = [0]
+    done = threading.Event()
+
+    def sampler():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    with torch.no_grad():
+        dec(torch.randn(1, 4, 8, 8))  # warm-up allocations
+        base = rss()
+        th = threading.Thread(target=sampler, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        if mode == "whole":
+            img = dec(z)
+        else:
+            img = tiled_decode(dec, z, tile=tile, overlap=tile // 4, context=tile // 8, circular=circular)
+        dt = time.perf_counter() - t0
+        done.set()
+        th.join()
+    print(json.dumps({"mode": mode, "peak_mib": (peak[0] - base) / 2**20, "seconds": dt, "shape": list(img.shape)}))
+
+
+def _run_decode(mode, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_decode", mode, "--decode-h", str(args.decode_h),
+           "--decode-w", str(args.decode_w), "--decode-tile", str(args.decode_tile)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--window", type=int, default=16, help="view size in latents (SD: 64)")
+    ap.add_argument("--pano-h", type=int, default=16)
+    ap.add_argument("--pano-w", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per config; the fastest is reported (shared CPUs)")
+    ap.add_argument("--lpips", default="alex", choices=["alex", "vgg"], help="random-weight backbone (timing only)")
+    ap.add_argument("--decode-h", type=int, default=64)
+    ap.add_argument("--decode-w", type=int, default=256)
+    ap.add_argument("--decode-tile", type=int, default=32)
+    ap.add_argument("--_decode", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._decode:
+        return _decode_worker(args._decode, args.decode_h, args.decode_w, args.decode_tile, False)
+
+    from tiny import tiny_unet, tiny_vae
+    torch.manual_seed(0)
+    unet, vae = tiny_unet(sample_size=args.window), tiny_vae()
+    den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
+    cond = TextConditioning(torch.randn(1, 7, 32), torch.randn(1, 7, 32), 7.5)
+    perc = load_lpips(args.lpips, random_backbone=True)
+
+    def decode(z):
+        return vae.decode(z / 0.18215).sample
+
+    ts = ddim_timesteps(args.steps, "leading", steps_offset=1)
+    x = torch.randn(1, 4, args.pano_h, args.pano_w)
+    s = args.window / 64
+    st = lambda v: max(1, round(v * s))  # noqa: E731
+    configs = {
+        "multidiffusion (stride 8)": TiledConfig.multidiffusion(window=args.window, stride=st(8)),
+        "multidiffusion (stride 8, 8 views/call)": TiledConfig.multidiffusion(window=args.window, stride=st(8),
+                                                                            view_batch=8),
+        "syncdiffusion paper (stride 16, w20, every step)": TiledConfig.syncdiffusion(
+            window=args.window, stride=st(16), sync_thres=args.steps),
+        "syncdiffusion fast (first 20% steps, 4 views/call)": TiledConfig.syncdiffusion_fast(
+            window=args.window, stride=st(16), sync_thres=max(1, args.steps // 5)),
+        "multidiffusion (stride 16, 4 views/call)": TiledConfig.multidiffusion(window=args.window, stride=st(16),
+                                                                             view_batch=4),
+        "jointnet strategy (stride 32)": TiledConfig.jointnet(window=args.window, stride=st(32)),
+    }
+    print(f"# tiled sampling: latent {args.pano_h}x{args.pano_w}, window {args.window}, {args.steps} DDIM steps, "
+          f"tiny UNet, LPIPS {args.lpips}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
+    res = {}
+    for name, cfg in configs.items():
+        best = None
+        for _ in range(max(1, args.repeats)):
+            stats = TiledStats()
+            tiled_sample(den, x, ts, cond, cfg, decode=decode, perceptual=perc, stats=stats,
+                         generator=torch.Generator().manual_seed(0))
+            best = stats if best is None or stats.seconds < best.seconds else best
+        res[name] = stats = best
+        print(f"{name:52s} {stats.seconds:7.2f} s  NFE {stats.nfe:5d} (grad {stats.grad_evals:4d}, "
+              f"whole {stats.whole_evals:3d})  calls {stats.denoiser_calls:5d}  decodes {stats.decodes}")
+    md = res["multidiffusion (stride 8)"].seconds
+    sp = res["syncdiffusion paper (stride 16, w20, every step)"].seconds
+    sf = res["syncdiffusion fast (first 20% steps, 4 views/call)"].seconds
+    print(f"ratio syncdiffusion paper / multidiffusion  : {sp / md:.2f}")
+    print(f"ratio syncdiffusion fast  / multidiffusion  : {sf / md:.2f}")
+    print(f"ratio jointnet strategy   / multidiffusion  : {res['jointnet strategy (stride 32)'].seconds / md:.2f}")
+    print(f"view batching speed-up (1 vs 8 views/call)  : "
+          f"{md / res['multidiffusion (stride 8, 8 views/call)'].seconds:.2f}x")
+
+    print(f"# VAE decode: latent {args.decode_h}x{args.decode_w} -> {args.decode_h * 8}x{args.decode_w * 8} px, "
+          f"tiny VAE, tile {args.decode_tile}")
+    whole = _run_decode("whole", args)
+    tiled = _run_decode("tiled", args)
+    for r in (whole, tiled):
+        print(f"decode {r['mode']:6s} peak RSS growth {r['peak_mib']:8.1f} MiB  {r['seconds']:.2f} s")
+    print(f"peak memory tiled / whole: {tiled['peak_mib'] / max(whole['peak_mib'], 1e-6):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command-line tools of jointcore (``python -m jointcore.cli.<tool> --help``)."""

@@ -1,0 +1,169 @@
+"""Panorama metrics and an offline LPIPS loader.
+
+* :func:`load_lpips` — LPIPS (Zhang et al. 2018) with the torchvision VGG16/AlexNet backbone read from a
+  local file (the ``lpips`` package would otherwise download it from download.pytorch.org at first use).
+  LPIPS' own linear-layer weights ship inside the ``lpips`` pip package.
+* :func:`intra_lpips` — mean pairwise LPIPS between non-overlapping crops of a panorama (SyncDiffusion /
+  JointNet coherence metric; crops of the panorama height, stride = crop size by default).
+* :func:`seam_score` — 360° seam continuity: mean |left column − right column| over the mean difference of
+  adjacent interior columns (≈ 1 for a seamless panorama, ≫ 1 with a visible seam).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+#: torchvision file names of the LPIPS backbones (as torchvision's model zoo / torch hub cache names them).
+TORCHVISION_BACKBONE_FILES = {
+    "vgg": "vgg16-397923af.pth",
+    "alex": "alexnet-owt-7be5be79.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+
+
+def find_lpips_backbone(net: str = "vgg", search: Iterable[str] = ()) -> Optional[str]:
+    """Path of the torchvision backbone file for ``net`` in ``search`` (files or folders, searched
+    recursively one level) or in the torch hub cache; None when absent."""
+    fname = _backbone_file(net)
+    cands = []
+    for p in search:
+        if not p:
+            continue
+        if os.path.isfile(p):
+            cands.append(p)
+        elif os.path.isdir(p):
+            cands.append(os.path.join(p, fname))
+            for sub in sorted(os.listdir(p)):
+                cands.append(os.path.join(p, sub, fname))
+    try:
+        cands.append(os.path.join(torch.hub.get_dir(), "checkpoints", fname))
+    except Exception:  # pragma: no cover - hub dir unavailable
+        pass
+    for c in cands:
+        if os.path.isfile(c):
+            return c
+    return None
+
+
+def _backbone_file(net: str) -> str:
+    if net not in TORCHVISION_BACKBONE_FILES:
+        raise ValueError(f"unknown LPIPS backbone {net!r}; use one of {sorted(TORCHVISION_BACKBONE_FILES)}")
+    return TORCHVISION_BACKBONE_FILES[net]
+
+
+def missing_backbone_message(net: str, where: Sequence[str] = ()) -> str:
+    fname = _backbone_file(net)
+    place = where[0] if where else os.path.join(torch.hub.get_dir(), "checkpoints")
+    return (f"LPIPS ({net}) needs the torchvision ImageNet weights '{fname}' and they are not on this machine "
+            f"(no download is attempted). Download {TORCHVISION_URL}{fname} and place it at "
+            f"{os.path.join(place, fname)}" + (f" (searched: {', '.join(where)})" if where else ""))
+
+
+def load_lpips_backbone_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy torchvision ``features.<k>.*`` weights from ``path`` into an ``lpips.LPIPS`` model's backbone."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    net = model.net
+    missing = []
+    with torch.no_grad():
+        for sl in net.children():
+            for name, mod in sl.named_children():
+                for pname, p in mod.named_parameters(recurse=False):
+                    key = f"features.{name}.{pname}"
+                    if key not in sd:
+                        missing.append(key)
+                        continue
+                    if tuple(sd[key].shape) != tuple(p.shape):
+                        raise ValueError(f"{path}: {key} has shape {tuple(sd[key].shape)}, expected {tuple(p.shape)}; "
+                                         "is this the right torchvision backbone file?")
+                    p.copy_(sd[key])
+    if missing:
+        raise ValueError(f"{path} is not a torchvision backbone checkpoint for this LPIPS net (missing "
+                         f"{missing[:3]}…)")
+
+
+def load_lpips(net: str = "vgg", backbone_path: Optional[str] = None, search: Iterable[str] = (),
+               device=None, allow_download: bool = False, random_backbone: bool = False):
+    """An ``lpips.LPIPS`` (eval, frozen) with the backbone from a local torchvision file.
+
+    Args:
+        net: ``"vgg"`` (SyncDiffusion) or ``"alex"`` (faster, LPIPS' default) or ``"squeeze"``.
+        backbone_path: the torchvision file (or a folder holding it), e.g. ``models/lpips/vgg16-397923af.pth``.
+        search: more files/folders to look in (also the torch hub cache is checked).
+        allow_download: fall back to lpips' own download when no file is found.
+        random_backbone: random backbone, no file (tests only).
+
+    Raises:
+        FileNotFoundError: naming the file to place and where.
+    """
+    import lpips
+
+    fname = _backbone_file(net)
+    where = [p for p in ([backbone_path] if backbone_path else []) + list(search) if p]
+    path = None
+    if not random_backbone:
+        if backbone_path and os.path.isfile(backbone_path):
+            path = backbone_path
+        else:
+            path = find_lpips_backbone(net, where)
+        if path is None and not allow_download:
+            raise FileNotFoundError(missing_backbone_message(net, where))
+    use_download = path is None and not random_backbone
+    model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=not use_download, verbose=False)
+    if path is not None:
+        load_lpips_backbone_weights(model, path)
+    model = model.eval().requires_grad_(False)
+    return model.to(device) if device is not None else model
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def crop_grid(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of ``window``-sized crops with ``stride`` (no wrap, no partial crops)."""
+    if window > height or window > width:
+        raise ValueError(f"crop window {window} is larger than the panorama {height}x{width}")
+    ys = range(0, height - window + 1, stride)
+    xs = range(0, width - window + 1, stride)
+    return [(y, x) for y in ys for x in xs]
+
+
+@torch.no_grad()
+def intra_lpips(images: torch.Tensor, perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                window: Optional[int] = None, stride: Optional[int] = None) -> torch.Tensor:
+    """Intra-LPIPS of panoramas ``[B,3,H,W]`` in ``[-1, 1]``: mean over all pairs of crops of
+    ``perceptual(crop_a, crop_b)`` (crops ``window`` = H by default, non-overlapping: stride = window).
+    Lower = more coherent. Returns ``[B]``."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")
+    B, _, H, W = images.shape
+    window = window or min(H, W)
+    stride = stride or window
+    pos = crop_grid(H, W, window, stride)
+    if len(pos) < 2:
+        raise ValueError(f"intra-LPIPS needs at least 2 crops; the panorama {H}x{W} gives {len(pos)} of {window}")
+    crops = torch.stack([images[:, :, y:y + window, x:x + window] for y, x in pos], 1)  # [B, N, 3, w, w]
+    pairs = list(itertools.combinations(range(len(pos)), 2))
+    a = torch.tensor([p[0] for p in pairs])
+    b = torch.tensor([p[1] for p in pairs])
+    out = []
+    for k in range(B):
+        d = perceptual(crops[k, a], crops[k, b]).reshape(len(pairs), -1).mean(1)
+        out.append(d.mean())
+    return torch.stack(out)
+
+
+def seam_score(images: torch.Tensor) -> torch.Tensor:
+    """360° seam score of ``[B,C,H,W]``: ``mean|x[..., 0] - x[..., W-1]| / mean|x[..., k+1] - x[..., k]|``.
+
+    ≈ 1 when the wrap-around edge is as continuous as any interior column pair; larger = visible seam."""
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise ValueError(f"expected images [B,C,H,W] with W >= 3, got {tuple(images.shape)}")
+    x = images.float()
+    seam = (x[..., 0] - x[..., -1]).abs().mean(dim=(1, 2))
+    interior = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+    return seam / interior.clamp_min(1e-12)

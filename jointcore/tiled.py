@@ -1,0 +1,532 @@
+"""Tiled (panorama) sampling: MultiDiffusion, SyncDiffusion and the JointNet tile strategy.
+
+One loop, written once against the :class:`~jointcore.denoiser.Denoiser` interface, so it drives a
+diffusers UNet, a JointNet (8-channel latents ``[rgb(4), dense(4)]``) or a ComfyUI MODEL adapter alike.
+
+Each DDIM step from ``t`` to ``t'`` (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5)::
+
+    for every view F_v (a window of the panorama latent, wrapping in x for 360°):
+        x_v        = F_v(x_t)                                   crop
+        x_v        = x_v - w_i ∇_{x_v} LPIPS(D(x0(x_v)), D(x0(x_anchor)))   SyncDiffusion (optional)
+        x_v'       = DDIM(x_v, ε_θ(x_v, t), t → t')            one denoiser call (batched over views)
+    x_{t'} = Σ_v F_v^T(W_v ⊙ x_v') / Σ_v F_v^T(W_v)             weighted average (value / count)
+
+with ``W_v`` the per-view weight map (uniform, or the JointNet linear boundary decay), an optional
+whole-image view with weight 5 for the first 40 % of the steps and random per-step offsets of the view
+grid (JointNet, Zhang et al. 2023, §4.2). SyncDiffusion (Lee et al. 2023): anchor = middle view,
+``w_i = w · decay**i`` applied on step ``i`` when ``(i+1) % freq == 0 and i < thres``; the gradient goes
+through the decoder (one view at a time under grad), the denoiser is re-run on the updated view without
+grad, and only the RGB part of the latent (channels ``0..3``) is decoded for the perceptual loss.
+
+All geometry is in **latent** pixels. Views work for any panorama height and width (both axes; the
+accumulation is index based, so it is correct when the window is smaller than the panorama height,
+unlike the reference implementations).
+
+Also here: :func:`tiled_decode`, a VAE decode of overlapping latent tiles with blending and optional
+circular wrap in x, for panoramas whose whole-image decoder activations do not fit in memory.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from . import prediction as P
+from .denoiser import Denoiser, TextConditioning
+from .sampling import ddim_step, next_timesteps
+
+IntPair = Union[int, tuple[int, int]]
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]            # latent [B,4,h,w] -> image [B,3,h·f,w·f] in [-1,1]
+PerceptualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (img, ref) in [-1,1] -> loss [B,...]
+TiledCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (i, n, x_prev, x0_pred)
+
+
+# ---------------------------------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class View:
+    """A window of the panorama latent: rows ``top:top+height``; columns ``left:left+width`` modulo the
+    panorama width when the panorama is circular (a view may cross the 360° seam).
+
+    ``weight`` multiplies the view's weight map; ``whole`` marks the JointNet whole-image view.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    weight: float = 1.0
+    whole: bool = False
+
+
+def _pair(v: IntPair, name: str) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a (height, width) pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def axis_starts(size: int, window: int, stride: int, circular: bool = False, offset: int = 0) -> list[int]:
+    """Start positions of the windows along one axis of length ``size`` (latent pixels).
+
+    Non-circular: ``0, stride, 2·stride, …`` plus a last window flush with the end when the stride does not
+    divide ``size - window`` (so every pixel is covered for any size); with ``offset`` the grid origin moves
+    to ``-offset`` and starts are clamped into ``[0, size - window]``.
+    Circular: ``(offset + k·stride) mod size`` for ``k < ceil(size / stride)`` (windows wrap around).
+    ``window`` larger than ``size`` is clipped to ``size`` (one window).
+    """
+    if size <= 0:
+        raise ValueError(f"panorama size must be positive, got {size}")
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
+    if stride > window:
+        raise ValueError(f"stride {stride} > window {window} would leave gaps between views; use stride <= window")
+    window = min(window, size)
+    if circular:
+        if window == size:
+            return [0]
+        n = math.ceil(size / stride)
+        return [(offset + k * stride) % size for k in range(n)]
+    if window == size:
+        return [0]
+    last = size - window
+    starts = []
+    s = -(offset % stride) if offset else 0
+    while True:
+        c = min(max(s, 0), last)
+        if not starts or c != starts[-1]:
+            starts.append(c)
+        if c >= last:
+            break
+        s += stride
+    return starts
+
+
+def make_views(height: int, width: int, window: IntPair = 64, stride: IntPair = 8, circular: bool = False,
+               offset: tuple[int, int] = (0, 0)) -> list[View]:
+    """Views (row-major) tiling a ``height × width`` latent; circular wrap only in x (360° panoramas).
+
+    Every latent pixel is covered by at least one view for any size (see :func:`axis_starts`).
+    """
+    wh, ww = _pair(window, "window")
+    sh, sw = _pair(stride, "stride")
+    ys = axis_starts(height, wh, sh, False, offset[0])
+    xs = axis_starts(width, ww, sw, circular, offset[1])
+    vh, vw = min(wh, height), min(ww, width)
+    return [View(y, x, vh, vw) for y in ys for x in xs]
+
+
+def linear_ramp(n: int, boundary: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """JointNet boundary decay ``w(k) = clamp(n/2 - |k + 0.5 - n/2|, 0, b) / b`` for ``k < n``; ones if b = 0."""
+    if boundary <= 0:
+        return torch.ones(n, device=device, dtype=dtype)
+    k = torch.arange(n, device=device, dtype=torch.float64)
+    w = (n / 2 - (k + 0.5 - n / 2).abs()).clamp(0, boundary) / boundary
+    return w.to(dtype)
+
+
+def view_weight_map(view: View, boundary: tuple[int, int], ramp_axes: tuple[bool, bool], device=None,
+                    dtype=torch.float32) -> torch.Tensor:
+    """Weight map ``[h, w]`` of a view: ``weight`` × outer product of per-axis linear ramps."""
+    if view.whole:
+        return torch.full((view.height, view.width), float(view.weight), device=device, dtype=dtype)
+    ry = linear_ramp(view.height, boundary[0] if ramp_axes[0] else 0, device, dtype)
+    rx = linear_ramp(view.width, boundary[1] if ramp_axes[1] else 0, device, dtype)
+    return (ry[:, None] * rx[None, :]) * float(view.weight)
+
+
+def _col_index(view: View, width: int, device) -> Optional[torch.Tensor]:
+    if view.left + view.width <= width:
+        return None
+    return torch.arange(view.left, view.left + view.width, device=device) % width
+
+
+def crop_view(x: torch.Tensor, view: View) -> torch.Tensor:
+    """``F_v(x)``: the view's window of ``x`` ``[B,C,H,W]`` → ``[B,C,h,w]`` (wrapping in x if needed)."""
+    rows = x[:, :, view.top:view.top + view.height]
+    idx = _col_index(view, x.shape[-1], x.device)
+    if idx is None:
+        return rows[..., view.left:view.left + view.width]
+    return rows.index_select(-1, idx)
+
+
+def paste_add(acc: torch.Tensor, tile: torch.Tensor, view: View) -> None:
+    """``acc += F_v^T(tile)`` in place (index based: correct for any view position, wrapping in x)."""
+    rows = acc[:, :, view.top:view.top + view.height]
+    idx = _col_index(view, acc.shape[-1], acc.device)
+    if idx is None:
+        rows[..., view.left:view.left + view.width] += tile
+    else:
+        rows.index_add_(-1, idx, tile)
+
+
+def latent_shape_for(height: int, width: int, scale: int = 8) -> tuple[int, int]:
+    """Latent ``(h, w)`` of a ``height × width`` pixel panorama; clear error for non-multiples of ``scale``."""
+    bad = [(n, v) for n, v in (("height", height), ("width", width)) if v <= 0 or v % scale]
+    if bad:
+        n, v = bad[0]
+        lo, hi = max(scale, v // scale * scale), (v // scale + 1) * scale
+        raise ValueError(f"panorama {n} {v} px is not a positive multiple of the VAE factor {scale}; use {lo} or {hi}")
+    return height // scale, width // scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class TiledConfig:
+    """Settings of :func:`tiled_sample` (all sizes in latent pixels).
+
+    Attributes:
+        window, stride: view size and step, an int or ``(h, w)``.
+        circular: wrap views around in x (360° panorama).
+        view_batch: views per denoiser call.
+        boundary: linear boundary decay width (JointNet: 8); 0 = uniform view weights (MultiDiffusion).
+        random_offset: shift the view grid by ``randint(stride)`` each step (JointNet), wrap-around in x.
+        whole_image_weight: weight of the whole-image view (JointNet: 5); 0 = none. Active while
+            ``i <= int(steps · whole_image_until)``.
+        sync_weight: SyncDiffusion gradient weight ``w`` (paper: 20); 0 disables synchronisation.
+        sync_decay, sync_freq, sync_thres: ``w_i = w·decay**i`` on steps with
+            ``(i+1) % freq == 0 and i < thres``.
+        anchor: index of the anchor view (default: middle view ``len(views)//2``).
+        sync_channels: latent channels decoded for the perceptual loss (the RGB part: 4).
+    """
+
+    window: IntPair = 64
+    stride: IntPair = 8
+    circular: bool = False
+    view_batch: int = 1
+    boundary: IntPair = 0
+    random_offset: bool = False
+    whole_image_weight: float = 0.0
+    whole_image_until: float = 0.4
+    sync_weight: float = 0.0
+    sync_decay: float = 0.95
+    sync_freq: int = 1
+    sync_thres: int = 50
+    anchor: Optional[int] = None
+    sync_channels: int = 4
+
+    def __post_init__(self):
+        if self.view_batch < 1:
+            raise ValueError(f"view_batch must be >= 1, got {self.view_batch}")
+        if self.sync_freq < 1:
+            raise ValueError(f"sync_freq must be >= 1, got {self.sync_freq}")
+        if self.sync_weight < 0 or self.whole_image_weight < 0:
+            raise ValueError("sync_weight and whole_image_weight must be >= 0")
+        for n in ("window", "stride"):
+            a, b = _pair(getattr(self, n), n)
+            if a <= 0 or b <= 0:
+                raise ValueError(f"{n} must be positive, got {getattr(self, n)!r}")
+
+    # presets ----------------------------------------------------------------------------------------
+    @classmethod
+    def multidiffusion(cls, **kw) -> "TiledConfig":
+        """MultiDiffusion as in diffusers' panorama pipeline: window 64, stride 8, uniform weights."""
+        return cls(**{**dict(window=64, stride=8), **kw})
+
+    @classmethod
+    def syncdiffusion(cls, **kw) -> "TiledConfig":
+        """SyncDiffusion paper settings: stride 16, w 20, decay 0.95, every step (thres 50)."""
+        return cls(**{**dict(window=64, stride=16, sync_weight=20.0, sync_decay=0.95, sync_freq=1,
+                             sync_thres=50), **kw})
+
+    @classmethod
+    def syncdiffusion_fast(cls, **kw) -> "TiledConfig":
+        """Faster SyncDiffusion (the official script/demo): synchronise only the first 10 steps, batched views."""
+        return cls(**{**dict(window=64, stride=16, sync_weight=20.0, sync_decay=0.95, sync_freq=1,
+                             sync_thres=10, view_batch=4), **kw})
+
+    @classmethod
+    def jointnet(cls, **kw) -> "TiledConfig":
+        """JointNet panorama strategy: stride 32, 360° wrap, 8 views/batch, random offsets, boundary 8,
+        whole-image view weight 5 for the first 40 % of the steps."""
+        return cls(**{**dict(window=64, stride=32, circular=True, view_batch=8, boundary=8, random_offset=True,
+                             whole_image_weight=5.0, whole_image_until=0.4), **kw})
+
+
+@dataclass
+class TiledStats:
+    """Work counters filled by :func:`tiled_sample` (NFE = window-sized denoiser evaluations)."""
+
+    view_evals: int = 0        # denoiser evaluations of views without grad (incl. the anchor's)
+    grad_evals: int = 0        # denoiser evaluations under grad (SyncDiffusion)
+    whole_evals: int = 0       # evaluations of the whole-image view
+    denoiser_calls: int = 0    # batched calls
+    decodes: int = 0           # VAE decodes for SyncDiffusion (anchor + views)
+    sync_steps: int = 0
+    seconds: float = 0.0
+    views_per_step: list = field(default_factory=list)
+
+    @property
+    def nfe(self) -> int:
+        return self.view_evals + self.grad_evals + self.whole_evals
+
+
+def _repeat_cond(cond: Any, n: int, batch: int) -> Any:
+    """Repeat batch-``batch`` text conditioning for ``n`` stacked views (view-major stacking)."""
+    if n == 1 or not isinstance(cond, TextConditioning):
+        return cond
+
+    def rep(e):
+        if e is None or e.shape[0] == 1 or e.shape[0] != batch:
+            return e
+        return e.repeat(n, *([1] * (e.ndim - 1)))
+
+    return TextConditioning(rep(cond.cond), rep(cond.uncond), cond.guidance_scale)
+
+
+def sync_active(i: int, cfg: TiledConfig) -> bool:
+    """SyncDiffusion schedule: step ``i`` (0-based) synchronises when ``(i+1) % freq == 0 and i < thres``."""
+    return cfg.sync_weight > 0 and (i + 1) % cfg.sync_freq == 0 and i < cfg.sync_thres
+
+
+def whole_image_active(i: int, n_steps: int, cfg: TiledConfig) -> bool:
+    """JointNet whole-image view on step ``i`` iff ``i <= int(n_steps · until)``."""
+    return cfg.whole_image_weight > 0 and i <= int(n_steps * cfg.whole_image_until)
+
+
+def sync_view_update(denoiser: Denoiser, x_view: torch.Tensor, t: torch.Tensor, cond: Any, anchor_image: torch.Tensor,
+                     decode: DecodeFn, perceptual: PerceptualFn, weight: float, channels: int = 4) -> torch.Tensor:
+    """One SyncDiffusion gradient step on a view latent ``[B,C,h,w]``.
+
+    ``x_v ← x_v - weight · ∇_{x_v} L``, ``L = perceptual(clamp(D(x0(x_v)[:, :channels]), -1, 1), anchor_image)``
+    summed over the batch, with ``x0`` the denoiser's clean estimate (through CFG). Returns the updated
+    latent (detached).
+    """
+    with torch.enable_grad():
+        xv = x_view.detach().clone().requires_grad_(True)
+        out = denoiser(xv, t, cond)
+        x0 = P.to_x0(out, xv, t, denoiser.alphas_cumprod, denoiser.prediction_type)
+        img = decode(x0[:, :channels]).clamp(-1, 1)
+        loss = perceptual(img, anchor_image.to(img)).sum()
+        (g,) = torch.autograd.grad(loss, xv)
+    return (x_view.detach() - weight * g.to(x_view.dtype)).detach()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the sampler
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def tiled_sample(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    cond: Any = None,
+    config: Optional[TiledConfig] = None,
+    *,
+    eta: float = 0.0,
+    prev_timesteps: Optional[Sequence[int]] = None,
+    final_alpha_cumprod: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    decode: Optional[DecodeFn] = None,
+    perceptual: Optional[PerceptualFn] = None,
+    callback: Optional[TiledCallback] = None,
+    sync_hook: Optional[Callable[[int, int, View, torch.Tensor, torch.Tensor], None]] = None,
+    stats: Optional[TiledStats] = None,
+) -> torch.Tensor:
+    """Tiled DDIM from ``x`` ``[B,C,H,W]`` (noisy at ``timesteps[0]``) along ``timesteps``.
+
+    Args:
+        denoiser: any :class:`~jointcore.denoiser.Denoiser`; called on stacked views ``[n·B, C, h, w]``.
+        cond: passed through (text conditioning of batch 1 or ``B`` is repeated for stacked views).
+        config: :class:`TiledConfig` (default: MultiDiffusion, window 64, stride 8).
+        eta, prev_timesteps, final_alpha_cumprod: as :func:`jointcore.sampling.ddim_sample` (the η noise is
+            drawn once per step for the whole panorama, so overlapping views agree).
+        generator: for η noise and random offsets.
+        decode: ``latent [b,4,h,w] → image [b,3,·,·]`` in ``[-1, 1]``, differentiable (SyncDiffusion).
+        perceptual: ``(image, reference) → loss`` (e.g. :func:`jointcore.metrics_pano.load_lpips`).
+        callback: ``(i, n, x_prev, x0_pred)`` after each step; raising from it interrupts sampling.
+        sync_hook: ``(i, view_index, view, x_before, x_after)`` for each synchronised view (inspection/tests).
+        stats: a :class:`TiledStats` to fill.
+
+    Returns:
+        the latent at the last target ``[B,C,H,W]``.
+    """
+    cfg = config or TiledConfig()
+    if x.ndim != 4:
+        raise ValueError(f"expected latents [B,C,H,W], got {tuple(x.shape)}")
+    if cfg.sync_weight > 0 and (decode is None or perceptual is None):
+        raise ValueError("SyncDiffusion (sync_weight > 0) needs a decode function and a perceptual loss "
+                         "(e.g. jointcore.metrics_pano.load_lpips)")
+    ts = [int(t) for t in timesteps]
+    prev = list(prev_timesteps) if prev_timesteps is not None else next_timesteps(ts)
+    if len(prev) != len(ts):
+        raise ValueError("prev_timesteps must have one entry per timestep")
+    stats = stats if stats is not None else TiledStats()
+    t0 = time.perf_counter()
+    B, C, H, W = x.shape
+    ab = denoiser.alphas_cumprod
+    wh, ww = _pair(cfg.window, "window")
+    sh, sw = _pair(cfg.stride, "stride")
+    bh, bw = _pair(cfg.boundary, "boundary")
+    n = len(ts)
+    dev = x.device
+    gen_dev = generator.device if generator is not None else torch.device("cpu")
+
+    for i, (t, tp) in enumerate(zip(ts, prev)):
+        if cfg.random_offset:
+            oy = int(torch.randint(sh, (1,), generator=generator, device=gen_dev)) if H > wh else 0
+            ox = int(torch.randint(sw, (1,), generator=generator, device=gen_dev)) if W > ww else 0
+        else:
+            oy = ox = 0
+        views = make_views(H, W, (wh, ww), (sh, sw), cfg.circular, (oy, ox))
+        ramp_axes = (H > wh, W > ww)
+        a_t = float(ab[t])
+        a_p = float(ab[tp]) if tp >= 0 else float(final_alpha_cumprod)
+        noise = None
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, device=gen_dev, dtype=torch.float32).to(x)
+
+        # (1) SyncDiffusion: gradient step on every view towards the anchor's foreseen image
+        crops: dict[int, torch.Tensor] = {}
+        if sync_active(i, cfg) and len(views) > 1:
+            stats.sync_steps += 1
+            w_i = cfg.sync_weight * cfg.sync_decay ** i
+            a_idx = cfg.anchor if cfg.anchor is not None else len(views) // 2
+            a_idx = max(0, min(a_idx, len(views) - 1))
+            tt1 = torch.full((B,), t, dtype=torch.long, device=dev)
+            xa = crop_view(x, views[a_idx])
+            x0a, _ = _x0_eps(denoiser, xa, tt1, cond)
+            anchor_img = decode(x0a[:, :cfg.sync_channels]).clamp(-1, 1).detach()
+            stats.view_evals += 1
+            stats.denoiser_calls += 1
+            stats.decodes += 1
+            for j, v in enumerate(views):
+                if j == a_idx:
+                    continue
+                xv = crop_view(x, v)
+                new = sync_view_update(denoiser, xv, tt1, cond, anchor_img, decode, perceptual, w_i,
+                                       cfg.sync_channels)
+                stats.grad_evals += 1
+                stats.denoiser_calls += 1
+                stats.decodes += 1
+                if sync_hook is not None:
+                    sync_hook(i, j, v, xv, new)
+                crops[j] = new
+
+        # (2) denoise every view (batched) and accumulate the weighted average
+        all_views = list(enumerate(views))
+        if whole_image_active(i, n, cfg) and len(views) > 1:
+            all_views.append((-1, View(0, 0, H, W, cfg.whole_image_weight, whole=True)))
+        value = torch.zeros_like(x, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+        count = torch.zeros((1, 1, H, W), dtype=value.dtype, device=dev)
+        x0_value = torch.zeros_like(value)
+        groups: dict[tuple[int, int], list] = {}
+        for j, v in all_views:
+            groups.setdefault((v.height, v.width), []).append((j, v))
+        for (_h, _w), members in groups.items():
+            for k in range(0, len(members), cfg.view_batch):
+                chunk = members[k:k + cfg.view_batch]
+                xin = torch.cat([crops[j] if j in crops else crop_view(x, v) for j, v in chunk])
+                m = len(chunk)
+                tt = torch.full((m * B,), t, dtype=torch.long, device=dev)
+                x0, eps = _x0_eps(denoiser, xin, tt, _repeat_cond(cond, m, B))
+                nz = torch.cat([crop_view(noise, v) for _, v in chunk]) if noise is not None else None
+                xprev = ddim_step(xin, x0, eps, a_t, a_p, eta, nz)
+                stats.denoiser_calls += 1
+                for q, (j, v) in enumerate(chunk):
+                    if v.whole:
+                        stats.whole_evals += 1
+                    else:
+                        stats.view_evals += 1
+                    wmap = view_weight_map(v, (bh, bw), ramp_axes, dev, value.dtype)
+                    sl = slice(q * B, (q + 1) * B)
+                    paste_add(value, xprev[sl].to(value.dtype) * wmap, v)
+                    paste_add(x0_value, x0[sl].to(value.dtype) * wmap, v)
+                    paste_add(count, wmap[None, None], v)
+        stats.views_per_step.append(len(all_views))
+        if bool((count <= 0).any()):
+            raise RuntimeError("internal error: some latent pixels are covered by no view")
+        x = (value / count).to(x.dtype)
+        if callback is not None:
+            callback(i, n, x, (x0_value / count).to(x.dtype))
+    stats.seconds += time.perf_counter() - t0
+    return x
+
+
+def _x0_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    out = denoiser(x_t, t, cond)
+    ab = denoiser.alphas_cumprod
+    return (P.to_x0(out, x_t, t, ab, denoiser.prediction_type), P.to_eps(out, x_t, t, ab, denoiser.prediction_type))
+
+
+# ---------------------------------------------------------------------------------------------------
+# tiled VAE decoding
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def tiled_decode(decode: DecodeFn, latent: torch.Tensor, tile: IntPair = 64, overlap: IntPair = 16,
+                 circular: bool = False, context: int = 8, scale: Optional[int] = None) -> torch.Tensor:
+    """Decode a large latent ``[B,C,H,W]`` tile by tile; returns the image ``[B,3,H·f,W·f]``.
+
+    Tiles of ``tile`` latents overlap by ``overlap`` latents and are blended with linear ramps over the
+    overlap (value / count in pixel space). Each tile is decoded with ``context`` extra latents on every
+    side (taken across the 360° seam when ``circular``, clamped at the panorama border otherwise) which are
+    cropped off after decoding, so tile borders see their neighbours (fewer seams). Peak activation memory
+    is that of one ``(tile + 2·context)²`` decode instead of the whole panorama's.
+
+    Args:
+        decode: ``latent → image`` (any channel count in/out; e.g. ``vae.decode(z / 0.18215).sample``).
+        scale: decoder up-sampling factor (inferred from the first tile if None).
+    """
+    if latent.ndim != 4:
+        raise ValueError(f"expected a latent [B,C,H,W], got {tuple(latent.shape)}")
+    B, C, H, W = latent.shape
+    th, tw = (min(a, s) for a, s in zip(_pair(tile, "tile"), (H, W)))
+    oh, ow = _pair(overlap, "overlap")
+    if oh < 0 or ow < 0 or context < 0:
+        raise ValueError("overlap and context must be >= 0")
+    sh, sw = max(th - oh, 1), max(tw - ow, 1)
+    ys = axis_starts(H, th, sh, False)
+    xs = axis_starts(W, tw, sw, circular)
+    out = count = None
+    f = scale
+    for y in ys:
+        for xo in xs:
+            # context window: rows clamped to the panorama, columns wrapped (circular) or clamped
+            y0, y1 = max(y - context, 0), min(y + th + context, H)
+            if circular:
+                cols = torch.arange(xo - context, xo + tw + context, device=latent.device) % W
+                x_lo = context
+            else:
+                x0c, x1c = max(xo - context, 0), min(xo + tw + context, W)
+                cols = torch.arange(x0c, x1c, device=latent.device)
+                x_lo = xo - x0c
+            piece = latent[:, :, y0:y1].index_select(-1, cols)
+            img = decode(piece)
+            if f is None:
+                f = img.shape[-1] // piece.shape[-1]
+                if f * piece.shape[-1] != img.shape[-1]:
+                    raise ValueError("could not infer the decoder scale; pass scale=")
+            if out is None:
+                out = torch.zeros((B, img.shape[1], H * f, W * f), dtype=torch.float32, device=img.device)
+                count = torch.zeros((1, 1, H * f, W * f), dtype=torch.float32, device=img.device)
+            core = img[:, :, (y - y0) * f:(y - y0 + th) * f, x_lo * f:(x_lo + tw) * f].float()
+            ry = linear_ramp(th * f, oh * f if len(ys) > 1 else 0, img.device)
+            rx = linear_ramp(tw * f, ow * f if len(xs) > 1 else 0, img.device)
+            wmap = ry[:, None] * rx[None, :]
+            pv = View(y * f, xo * f, th * f, tw * f)
+            paste_add(out, core * wmap, pv)
+            paste_add(count, wmap[None, None], pv)
+    return (out / count).to(latent.dtype if latent.is_floating_point() else torch.float32)
+
+
+def decode_circular_padded(decode: DecodeFn, latent: torch.Tensor, padding: int = 8,
+                           scale: Optional[int] = None) -> torch.Tensor:
+    """Whole-image decode with ``padding`` latents wrapped around each side in x, cropped off afterwards
+    (the reference 360° decode of JointNet / diffusers' panorama pipeline)."""
+    W = latent.shape[-1]
+    padding = min(padding, W)
+    z = torch.cat([latent[..., W - padding:], latent, latent[..., :padding]], dim=-1)
+    img = decode(z)
+    f = scale or img.shape[-1] // z.shape[-1]
+    return img[..., padding * f: img.shape[-1] - padding * f]

@@ -1,0 +1,304 @@
+"""JointNet nodes: joint RGB + depth (or normals) generation, channel-wise inpainting, RGBD editing, refinement.
+
+* ``JDJointNetLoader``: a JointNet folder in ``models/jointnet/`` (``unet/`` + ``jointnet/``, as the released
+  ``rgbd_finetune_sd21b`` / ``rgbd_inpaint_sd21b`` zips or ``python -m jointcore.train_jointnet``) → ``JD_JOINTNET``.
+* ``JDJointEmptyLatent``: an empty 8-channel joint LATENT (``[rgb 4, dense 4]``).
+* ``JDJointEncode``: IMAGE and/or depth IMAGE → joint LATENT through a ComfyUI VAE (depth: grey → 3 channels).
+* ``JDJointDecode``: joint LATENT → IMAGE + dense IMAGE (depth = channel 0 / mean, or normals = 3 channels).
+* ``JDJointKSampler``: one joint denoising loop with a task preset and one optional MASK per modality.
+
+Joint LATENTs hold unscaled VAE latents like every ComfyUI LATENT; the SD scale factor is applied inside the
+sampler. Text comes from a CLIP's CONDITIONING (SD 2.x CLIP for the released models: width 1024).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..jointcore import joint_sampling as JS
+from ..jointcore import schedules as S
+from ..jointcore.denoiser import TextConditioning
+from ..jointcore.jointnet import JointNet, JointNetDenoiser
+from .common import (CATEGORY, list_model_dirs, mask_to_b1hw, offload_device, progress, register_model_folder,
+                     resolve_model_dir, torch_device)
+
+FOLDER = "jointnet"
+register_model_folder(FOLDER)
+SD_SCALE = 0.18215  # SD 1.x / 2.x latent scale (ComfyUI latent_formats.SD15)
+TASKS = ["joint_generation", "image_to_depth", "depth_to_image", "refine_depth", "masks_only"]
+CAT = CATEGORY + "/jointnet"
+
+
+def _is_jointnet(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, sub, "config.json")) for sub in ("unet", "jointnet"))
+
+
+def _choices():
+    try:
+        found = list_model_dirs(FOLDER, _is_jointnet)
+    except Exception:  # noqa: BLE001 - folder not registered in this ComfyUI
+        found = []
+    return found or ["(none found)"]
+
+
+class JointNetBundle:
+    """What ``JD_JOINTNET`` carries: the model and its noise schedule."""
+
+    def __init__(self, model: JointNet, alphas_cumprod: torch.Tensor, prediction_type: str, name: str):
+        self.model, self.alphas_cumprod, self.prediction_type, self.name = model, alphas_cumprod, prediction_type, name
+
+    def denoiser(self) -> JointNetDenoiser:
+        return JointNetDenoiser(self.model, self.alphas_cumprod, self.prediction_type)
+
+
+def _latent(samples: torch.Tensor) -> dict:
+    return {"samples": samples.float().cpu()}
+
+
+class JDJointNetLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "jointnet": (_choices(), {"tooltip": "folder in models/jointnet with unet/ (RGB branch) and jointnet/ "
+                                                 "(dense branch), .safetensors or .bin"}),
+            "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
+                                                         "tooltip": "auto: fp16 on GPU, fp32 on CPU"}),
+            "prediction_type": (["epsilon", "v_prediction"], {"default": "epsilon",
+                                                              "tooltip": "released models: epsilon (SD 2.1 base)"}),
+        }}
+
+    RETURN_TYPES = ("JD_JOINTNET",)
+    RETURN_NAMES = ("jointnet",)
+    FUNCTION = "load"
+    CATEGORY = CAT
+    DESCRIPTION = "Load a JointNet (two coupled SD UNets: RGB + depth/normals) in the official folder layout."
+
+    def load(self, jointnet, dtype, prediction_type):
+        if jointnet.startswith("(none"):
+            raise ValueError("put a JointNet folder (unet/ + jointnet/, e.g. the unzipped rgbd_finetune_sd21b) in "
+                             "models/jointnet/")
+        path = resolve_model_dir(FOLDER, jointnet)
+        dev = torch_device()
+        if dtype == "auto":
+            dt = torch.float16 if dev.type == "cuda" else torch.float32
+        else:
+            dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        model = JointNet.from_pretrained(path, torch_dtype=dt)
+        model.to(offload_device())
+        return (JointNetBundle(model, S.alphas_cumprod(), prediction_type, jointnet),)
+
+
+class JDJointEmptyLatent:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("joint_latent",)
+    FUNCTION = "make"
+    CATEGORY = CAT
+    DESCRIPTION = "Empty joint latent [B, 8, H/8, W/8] (RGB 4 + dense 4 channels) for JointNet generation."
+
+    def make(self, width, height, batch_size):
+        return (_latent(torch.zeros(batch_size, 8, height // 8, width // 8)),)
+
+
+def _crop8(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[1] // 8 * 8, x.shape[2] // 8 * 8
+    if h == 0 or w == 0:
+        raise ValueError(f"image {x.shape[2]}x{x.shape[1]} is smaller than 8 pixels")
+    return x[:, :h, :w]
+
+
+class JDJointEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("VAE",)}, "optional": {
+            "image": ("IMAGE", {"tooltip": "RGB image (omit for depth→image: its latent is then zero)"}),
+            "depth": ("IMAGE", {"tooltip": "depth/disparity (near = bright, as MiDaS) or normal map; omit for "
+                                           "image→depth"}),
+            "dense_kind": (["depth", "normals"], {"default": "depth",
+                                                  "tooltip": "depth: channel 0 as grey; normals: the 3 channels"}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("joint_latent",)
+    FUNCTION = "encode"
+    CATEGORY = CAT
+    DESCRIPTION = ("Encode an image and/or a depth map into a joint latent with the RGB VAE (depth: [0,1] grey "
+                   "replicated to 3 channels, as JointNet was trained).")
+
+    def encode(self, vae, image=None, depth=None, dense_kind="depth"):
+        if image is None and depth is None:
+            raise ValueError("connect an image, a depth map or both")
+        rgb_lat = dense_lat = None
+        if image is not None:
+            rgb_lat = vae.encode(_crop8(image[..., :3])).float()
+        if depth is not None:
+            d = _crop8(depth)
+            d = d[..., :1].expand(-1, -1, -1, 3) if dense_kind == "depth" else d[..., :3]
+            dense_lat = vae.encode(d.contiguous()).float()
+        if rgb_lat is not None and dense_lat is not None and rgb_lat.shape != dense_lat.shape:
+            if dense_lat.shape[0] == 1 and rgb_lat.shape[1:] == dense_lat.shape[1:]:
+                dense_lat = dense_lat.expand_as(rgb_lat)
+            elif rgb_lat.shape[0] == 1 and rgb_lat.shape[1:] == dense_lat.shape[1:]:
+                rgb_lat = rgb_lat.expand_as(dense_lat)
+            else:
+                raise ValueError(f"image and depth sizes differ (latents {tuple(rgb_lat.shape)} vs "
+                                 f"{tuple(dense_lat.shape)}): resize the depth map to the image")
+        if rgb_lat is None:
+            rgb_lat = torch.zeros_like(dense_lat)
+        if dense_lat is None:
+            dense_lat = torch.zeros_like(rgb_lat)
+        return (_latent(torch.cat([rgb_lat, dense_lat], 1)),)
+
+
+class JDJointDecode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("VAE",),
+            "joint_latent": ("LATENT",),
+            "dense_kind": (["depth", "depth_mean", "normals"], {"default": "depth",
+                                                              "tooltip": "depth: channel 0 (official); depth_mean: "
+                                                                         "mean of 3 channels; normals: 3 channels"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("image", "dense")
+    FUNCTION = "decode"
+    CATEGORY = CAT
+    DESCRIPTION = "Decode a joint latent into the RGB image and the depth (grey) or normal map."
+
+    def decode(self, vae, joint_latent, dense_kind):
+        z = joint_latent["samples"]
+        if z.ndim != 4 or z.shape[1] != 8:
+            raise ValueError(f"expected a joint latent with 8 channels (from a JointNet node), got {tuple(z.shape)}")
+        img = vae.decode(z[:, :4])
+        dense = vae.decode(z[:, 4:])
+        if dense_kind == "depth":
+            dense = dense[..., :1].expand(-1, -1, -1, 3)
+        elif dense_kind == "depth_mean":
+            dense = dense[..., :3].mean(-1, keepdim=True).expand(-1, -1, -1, 3)
+        return (img[..., :3].float().clamp(0, 1).contiguous(), dense.float().clamp(0, 1).contiguous())
+
+
+def conditioning_embedding(conditioning, width: int, name: str) -> torch.Tensor:
+    """ComfyUI CONDITIONING → ``[B, L, D]`` (first entry), with a clear error for the wrong text encoder."""
+    if not conditioning:
+        raise ValueError(f"{name} conditioning is empty")
+    emb = conditioning[0][0]
+    if emb.shape[-1] != width:
+        hint = {768: "SD 1.x (CLIP-L, 768)", 1024: "SD 2.x (OpenCLIP-H, 1024)"}.get(width, f"width {width}")
+        raise ValueError(f"{name} CONDITIONING has width {emb.shape[-1]} but the JointNet's cross-attention dim is "
+                         f"{width}: encode the prompt with the CLIP of {hint}, e.g. from the base checkpoint")
+    return emb.float()
+
+
+def _same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat token sequences to a common length (as ComfyUI does for long prompts: lcm of the lengths)."""
+    import math
+    la, lb = a.shape[1], b.shape[1]
+    if la == lb:
+        return a, b
+    n = math.lcm(la, lb)
+    return a.repeat(1, n // la, 1), b.repeat(1, n // lb, 1)
+
+
+class JDJointKSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "jointnet": ("JD_JOINTNET",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "joint_latent": ("LATENT", {"tooltip": "from JD Joint Empty Latent or JD Joint Encode"}),
+            "task": (TASKS, {"default": "joint_generation",
+                             "tooltip": "joint_generation: both generated; image_to_depth: keep the image; "
+                                        "depth_to_image: keep the depth; refine_depth: SDEdit the given depth "
+                                        "(keeps the image); masks_only: only the masks below (or the latent's "
+                                        "noise_mask for both) decide what is kept"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+            "sampler": (list(JS.SOLVERS), {"default": "ddim"}),
+            "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "DDIM only"}),
+            "denoise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "SDEdit strength; 0 = the task's default (1.0, refine_depth 0.4)"}),
+        }, "optional": {
+            "image_mask": ("MASK", {"tooltip": "1 = generate, 0 = keep the given image (overrides the preset)"}),
+            "depth_mask": ("MASK", {"tooltip": "1 = generate, 0 = keep the given depth (overrides the preset)"}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("joint_latent",)
+    FUNCTION = "sample"
+    CATEGORY = CAT
+    DESCRIPTION = ("JointNet sampling (DDIM or DPM-Solver++ 2M): joint RGBD generation, image→depth, "
+                   "depth→image, RGBD region editing with one mask per modality, depth refinement (SDEdit).")
+
+    def sample(self, jointnet, positive, negative, joint_latent, task, seed, steps, cfg, sampler, eta, denoise,
+               image_mask=None, depth_mask=None):
+        b: JointNetBundle = jointnet
+        z = joint_latent["samples"]
+        if z.ndim != 4 or z.shape[1] != 8:
+            raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
+                             f"{tuple(z.shape)}")
+        B, _, h, w = z.shape
+        if task == "masks_only":
+            m_img = m_dep = 1.0
+            strength = 1.0
+            if "noise_mask" in joint_latent:  # SetLatentNoiseMask: the same region in both modalities
+                nm = joint_latent["noise_mask"]
+                m_img = m_dep = mask_to_b1hw(nm.reshape(-1, *nm.shape[-2:]), B, h, w)
+        else:
+            m_img, m_dep, strength = JS.task_preset(task)
+        if denoise > 0:
+            strength = float(denoise)
+        if image_mask is not None:
+            m_img = mask_to_b1hw(image_mask, B, h, w)
+        if depth_mask is not None:
+            m_dep = mask_to_b1hw(depth_mask, B, h, w)
+        D = b.model.cross_attention_dim
+        c = conditioning_embedding(positive, D, "positive")
+        u = conditioning_embedding(negative, D, "negative")
+        c, u = _same_length(c, u)
+        text = TextConditioning(c, u, float(cfg))
+        init = z.float() * SD_SCALE
+        needs_init = strength < 1.0 or any(
+            (isinstance(m, float) and m < 0.5) or (torch.is_tensor(m) and bool((m < 0.5).any())) for m in (m_img, m_dep))
+        noise = JS.make_noise((B, 8, h, w), seed=seed)
+        dev = torch_device()
+        b.model.to(dev)
+        try:
+            n_steps = len(JS.get_timesteps(range(steps), strength))
+            cb = progress(n_steps)
+            out = JS.joint_sample(
+                b.denoiser(), noise.to(dev), text, num_steps=steps, solver=sampler, eta=eta,
+                init_latents=init.to(dev) if needs_init else None, mask_rgb=m_img, mask_dense=m_dep,
+                strength=strength, generator=torch.Generator(device=dev).manual_seed((seed + 1) % 2**64),
+                callback=lambda *a: cb())
+        finally:
+            b.model.to(offload_device())
+        return (_latent(out / SD_SCALE),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "JDJointNetLoader": JDJointNetLoader,
+    "JDJointEmptyLatent": JDJointEmptyLatent,
+    "JDJointEncode": JDJointEncode,
+    "JDJointDecode": JDJointDecode,
+    "JDJointKSampler": JDJointKSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "JDJointNetLoader": "JD JointNet Loader",
+    "JDJointEmptyLatent": "JD Joint Empty Latent",
+    "JDJointEncode": "JD Joint Encode (image + depth)",
+    "JDJointDecode": "JD Joint Decode (image + depth)",
+    "JDJointKSampler": "JD Joint KSampler (JointNet)",
+}

@@ -1,0 +1,223 @@
+"""Depth / normal prediction nodes (Marigold and E2E-FT checkpoints with the trailing-DDIM fix).
+
+Models: diffusers folders under ``models/jointdiffusion_predictors/<name>/`` (unet/, vae/, text_encoder/,
+tokenizer/, scheduler/), e.g. ``GonzaloMG/marigold-e2e-ft-depth`` or ``prs-eth/marigold-normals-v1-1``.
+
+Custom types:
+* ``JD_PREDICTOR`` — a :class:`jointcore.predictor.DepthNormalPredictor` (kept on the offload device).
+* ``JD_RAW`` — ``{"task": "depth"|"normals", "data": [B,C,H,W] float32 CPU}``: depth in ``[0,1]``
+  (affine-invariant, near = small) or unit normals.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+
+from ..jointcore import predictor as JP
+from ..jointcore import predictor_vis as V
+from .common import CATEGORY, bchw_to_image, image_to_bchw, list_model_dirs, progress, register_model_folder, \
+    resolve_model_dir
+
+MODEL_FOLDER = "jointdiffusion_predictors"
+SUB = CATEGORY + "/depth"
+
+
+def _has_unet(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "unet"))
+
+
+def _auto_dtype(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "fp32"
+    try:
+        if mm.should_use_fp16(device=device):
+            return "fp16"
+        if hasattr(mm, "should_use_bf16") and mm.should_use_bf16(device=device):
+            return "bf16"
+    except Exception:  # older/newer signatures: fall back to full precision
+        pass
+    return "fp32"
+
+
+class JDPredictorLoader:
+    """Load a Marigold / E2E-FT diffusers folder from models/jointdiffusion_predictors/."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        register_model_folder(MODEL_FOLDER)
+        names = list_model_dirs(MODEL_FOLDER, marker=_has_unet)
+        return {"required": {
+            "model": (names or ["(put diffusers folders in models/jointdiffusion_predictors)"],),
+            "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto"}),
+            "vae_fp32": ("BOOLEAN", {"default": True, "tooltip": "keep the VAE in fp32 when the model runs in "
+                                                                 "fp16 (avoids black/NaN images)"}),
+        }}
+
+    RETURN_TYPES = ("JD_PREDICTOR",)
+    RETURN_NAMES = ("predictor",)
+    FUNCTION = "load"
+    CATEGORY = SUB
+    DESCRIPTION = "Loads an image-conditional depth/normals diffusion checkpoint (Marigold, E2E-FT)."
+
+    def load(self, model, dtype="auto", vae_fp32=True):
+        register_model_folder(MODEL_FOLDER)
+        path = resolve_model_dir(MODEL_FOLDER, model)
+        dev = mm.get_torch_device()
+        dt = _auto_dtype(dev) if dtype == "auto" else dtype
+        vae_dt = "fp32" if (vae_fp32 and dt == "fp16") else dt
+        pred = JP.load_predictor(path, dtype=dt, device=mm.unet_offload_device(), vae_dtype=vae_dt)
+        return (pred,)
+
+
+class JDDepthNormalPredict:
+    """Predict affine-invariant depth or surface normals (one trailing-DDIM step by default)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "predictor": ("JD_PREDICTOR",),
+            "image": ("IMAGE",),
+            "task": (list(JP.TASKS), {"default": "depth"}),
+            "processing_resolution": ("INT", {"default": 768, "min": 0, "max": 4096, "step": 8,
+                                              "tooltip": "long edge during inference; 0 = native size"}),
+            "steps": ("INT", {"default": 1, "min": 1, "max": 100}),
+            "ensemble_size": ("INT", {"default": 1, "min": 1, "max": 32}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+            "spacing": (list(JP.PREDICTOR_SPACINGS), {"default": "trailing",
+                                                       "tooltip": "'leading' is the original broken setting"}),
+            "normalisation": (list(JP.NORMALISATIONS), {"default": "per_image"}),
+        }, "optional": {
+            "ensemble_reduction": (list(JP.REDUCTIONS), {"default": "median"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "JD_RAW")
+    RETURN_NAMES = ("image", "raw")
+    FUNCTION = "predict"
+    CATEGORY = SUB
+    DESCRIPTION = ("Depth (grey, near = dark) or normals ((n+1)/2) as IMAGE, plus the raw float prediction. "
+                   "E2E-FT checkpoints: steps 1, ensemble 1.")
+
+    def predict(self, predictor, image, task, processing_resolution, steps, ensemble_size, seed, spacing,
+                normalisation, ensemble_reduction="median"):
+        dev = mm.get_torch_device()
+        off = mm.unet_offload_device()
+        images = image_to_bchw(image)
+        cb = progress(int(steps) * int(ensemble_size))
+        mm.throw_exception_if_processing_interrupted()
+        predictor.to(dev)
+        try:
+            out = predictor.predict(images.to(dev), task, processing_resolution=processing_resolution, steps=steps,
+                                    ensemble_size=ensemble_size, seed=seed, spacing=spacing,
+                                    normalisation=normalisation, reduction=ensemble_reduction,
+                                    callback=lambda done, total: cb())
+        finally:
+            if off != dev:
+                predictor.to(off)
+                mm.soft_empty_cache()
+        data = out.prediction.float().cpu()
+        vis = data if task == "depth" else V.normals_to_rgb(data)
+        return (bchw_to_image(vis), {"task": task, "data": data})
+
+
+class JDDepthColorize:
+    """Colour a depth IMAGE (first channel, 0–1) with a kornia colour map."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "depth": ("IMAGE",),
+            "colormap": (V.available_colormaps(), {"default": "grey"}),
+            "near_bright": ("BOOLEAN", {"default": False,
+                                        "tooltip": "invert so near is bright (ControlNet depth convention)"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "colorize"
+    CATEGORY = SUB
+
+    def colorize(self, depth, colormap, near_bright):
+        d = image_to_bchw(depth)[:, :1]
+        return (bchw_to_image(V.colorize_depth(d, colormap, near_bright)),)
+
+
+class JDNormalsVisualize:
+    """Normals (JD_RAW) → RGB IMAGE (n+1)/2, with axis flips for other conventions."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "raw": ("JD_RAW",),
+            "flip_x": ("BOOLEAN", {"default": False}),
+            "flip_y": ("BOOLEAN", {"default": False}),
+            "flip_z": ("BOOLEAN", {"default": False}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "visualize"
+    CATEGORY = SUB
+
+    def visualize(self, raw, flip_x, flip_y, flip_z):
+        if raw.get("task") != "normals":
+            raise ValueError(f"this JD_RAW holds {raw.get('task')!r}; connect the raw output of a predict node "
+                             f"run with task 'normals'")
+        return (bchw_to_image(V.normals_to_rgb(raw["data"], flip_x, flip_y, flip_z)),)
+
+
+class JDSaveRawPrediction:
+    """Save the raw float prediction into ComfyUI's output folder (never overwrites)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "raw": ("JD_RAW",),
+            "filename_prefix": ("STRING", {"default": "jd_depth"}),
+            "format": (["png16", "npy", "png16+npy"], {"default": "png16"}),
+        }}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = SUB
+    DESCRIPTION = ("16-bit PNG (depth: grey value·65535; normals: RGB (n+1)/2·65535) and/or float32 .npy "
+                   "([H,W] depth or [H,W,3] normals).")
+
+    def save(self, raw, filename_prefix, format):
+        data = raw["data"]
+        out_dir = folder_paths.get_output_directory()
+        sub, stem = os.path.split(os.path.normpath(filename_prefix.strip() or "jd_depth"))
+        full = os.path.abspath(os.path.join(out_dir, sub))
+        if os.path.commonpath([full, os.path.abspath(out_dir)]) != os.path.abspath(out_dir):
+            raise ValueError(f"filename_prefix {filename_prefix!r} points outside the output folder")
+        results = []
+        for b in range(data.shape[0]):
+            x = data[b]
+            base = V.unique_stem(full, stem, (".png", ".npy"))
+            if "png16" in format:
+                V.write_png16(base + ".png", V.to_uint16(x if raw["task"] == "depth" else (x + 1) / 2))
+                results.append({"filename": os.path.basename(base) + ".png", "subfolder": sub, "type": "output"})
+            if "npy" in format:
+                p = base + ".npy"
+                a = x.numpy().astype(np.float32)
+                np.save(p, a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0)))
+        return {"ui": {"images": results}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "JDPredictorLoader": JDPredictorLoader,
+    "JDDepthNormalPredict": JDDepthNormalPredict,
+    "JDDepthColorize": JDDepthColorize,
+    "JDNormalsVisualize": JDNormalsVisualize,
+    "JDSaveRawPrediction": JDSaveRawPrediction,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "JDPredictorLoader": "Depth/Normals Predictor Loader (Marigold, E2E-FT)",
+    "JDDepthNormalPredict": "Predict Depth / Normals (trailing DDIM)",
+    "JDDepthColorize": "Colorize Depth",
+    "JDNormalsVisualize": "Visualize Normals",
+    "JDSaveRawPrediction": "Save Raw Depth / Normals",
+}

@@ -1,0 +1,175 @@
+"""nodes/predictor.py against stub comfy / folder_paths modules (no ComfyUI needed), plus the vis helpers."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from jointcore import predictor_vis as V
+from predictor_ckpt import make_checkpoint, synthetic_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def comfy_stubs(tmp_path, monkeypatch):
+    state = {"interrupt_after": None, "checks": 0, "bar_updates": 0}
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda *a, **k: None
+    mm.should_use_fp16 = lambda *a, **k: False
+
+    def interrupted():
+        state["checks"] += 1
+        if state["interrupt_after"] is not None and state["checks"] > state["interrupt_after"]:
+            raise _Interrupted()
+    mm.throw_exception_if_processing_interrupted = interrupted
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update(self, n):
+            state["bar_updates"] += n
+    utils.ProgressBar = ProgressBar
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = mm, utils
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {}
+    fp.get_output_directory = lambda: str(tmp_path / "output")
+
+    def add_model_folder_path(name, path, is_default=False):
+        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+    fp.add_model_folder_path = add_model_folder_path
+    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0]
+    for k, v in {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "folder_paths": fp}.items():
+        monkeypatch.setitem(sys.modules, k, v)
+    # the pack as a package without running its __init__ (which would import every capability)
+    for name, path in (("jdpack_t", ROOT), ("jdpack_t.nodes", os.path.join(ROOT, "nodes"))):
+        m = types.ModuleType(name)
+        m.__path__ = [path]
+        monkeypatch.setitem(sys.modules, name, m)
+    for k in [k for k in sys.modules if k.startswith("jdpack_t.") and k != "jdpack_t.nodes"]:
+        monkeypatch.delitem(sys.modules, k)
+    mod = importlib.import_module("jdpack_t.nodes.predictor")
+    yield mod, state, tmp_path
+    for k in [k for k in sys.modules if k.startswith("jdpack_t")]:
+        sys.modules.pop(k, None)
+
+
+def test_nodes_end_to_end(comfy_stubs):
+    mod, state, tmp = comfy_stubs
+    models = tmp / "models" / "jointdiffusion_predictors"
+    os.makedirs(models / "not_a_model" / "stuff")
+    make_checkpoint(str(models / "tiny-e2e"))
+    it = mod.JDPredictorLoader.INPUT_TYPES()["required"]
+    assert it["model"][0] == ["tiny-e2e"]  # only folders with unet/
+    (pred,) = mod.JDPredictorLoader().load("tiny-e2e", "auto", True)
+    assert pred.dtype == torch.float32
+
+    img = synthetic_images(2, 37, 29).permute(0, 2, 3, 1)  # ComfyUI IMAGE [B,H,W,C]
+    node = mod.JDDepthNormalPredict()
+    image, raw = node.predict(pred, img, "depth", 0, 2, 2, 0, "trailing", "per_image")
+    assert image.shape == (2, 37, 29, 3) and torch.equal(image[..., 0], image[..., 2])
+    assert raw["task"] == "depth" and raw["data"].shape == (2, 1, 37, 29)
+    torch.testing.assert_close(image[..., 0], raw["data"][:, 0])
+    assert state["bar_updates"] == 4  # steps × ensemble
+    nimg, nraw = node.predict(pred, img, "normals", 0, 1, 1, 0, "trailing", "per_image")
+    torch.testing.assert_close(nraw["data"].norm(dim=1), torch.ones(2, 37, 29), atol=1e-3, rtol=0)  # n/(|n|+1e-5)
+    torch.testing.assert_close(nimg, ((nraw["data"] + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1))
+
+    # interruption from ComfyUI stops the run
+    state["interrupt_after"] = state["checks"] + 2
+    with pytest.raises(_Interrupted):
+        node.predict(pred, img, "depth", 0, 5, 1, 0, "trailing", "per_image")
+    state["interrupt_after"] = None
+
+    (col,) = mod.JDDepthColorize().colorize(image, "viridis", False)
+    (inv,) = mod.JDDepthColorize().colorize(image, "grey", True)
+    assert col.shape == image.shape and not torch.equal(col[..., 0], col[..., 1])
+    torch.testing.assert_close(inv, 1 - image)
+    (vis,) = mod.JDNormalsVisualize().visualize(nraw, True, False, False)
+    torch.testing.assert_close(vis[..., 0], 1 - nimg[..., 0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="normals"):
+        mod.JDNormalsVisualize().visualize(raw, False, False, False)
+
+    saver = mod.JDSaveRawPrediction()
+    r1 = saver.save(raw, "depth/run", "png16+npy")
+    r2 = saver.save(raw, "depth/run", "png16")
+    out = tmp / "output" / "depth"
+    assert sorted(os.listdir(out)) == ["run_00001.npy", "run_00001.png", "run_00002.npy", "run_00002.png",
+                                       "run_00003.png", "run_00004.png"]
+    assert [x["filename"] for x in r1["ui"]["images"] + r2["ui"]["images"]] == [
+        "run_00001.png", "run_00002.png", "run_00003.png", "run_00004.png"]
+    from PIL import Image
+    with Image.open(out / "run_00001.png") as im:
+        a = np.asarray(im).astype(np.float64) / 65535
+    np.testing.assert_allclose(a, raw["data"][0, 0].numpy(), atol=1 / 65535)
+    np.testing.assert_allclose(np.load(out / "run_00002.npy"), raw["data"][1, 0].numpy())
+    saver.save(nraw, "n", "npy")
+    assert np.load(tmp / "output" / "n_00001.npy").shape == (37, 29, 3)
+    with pytest.raises(ValueError, match="outside"):
+        saver.save(raw, "../escape", "npy")
+
+
+def _read_png16_rgb(path):
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        tag = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + n]
+        if tag == b"IHDR":
+            ihdr = body
+        elif tag == b"IDAT":
+            idat += body
+        pos += 12 + n
+    w, h = int.from_bytes(ihdr[:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * 6)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].copy().view(">u2").reshape(h, w, 3).astype(np.uint16), ihdr[8], ihdr[9]
+
+
+def test_png16_writer_grey_and_rgb(tmp_path):
+    g = np.arange(0, 65535, 997, dtype=np.uint16)[:60].reshape(6, 10)
+    V.write_png16(str(tmp_path / "g.png"), g)
+    from PIL import Image
+    with Image.open(tmp_path / "g.png") as im:
+        assert np.array_equal(np.asarray(im).astype(np.uint16), g)
+    rgb = np.random.default_rng(0).integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+    V.write_png16(str(tmp_path / "c.png"), rgb)
+    back, depth, ctype = _read_png16_rgb(str(tmp_path / "c.png"))
+    assert depth == 16 and ctype == 2 and np.array_equal(back, rgb)
+    with pytest.raises(ValueError, match="uint16"):
+        V.write_png16(str(tmp_path / "x.png"), g.astype(np.float32))
+
+
+def test_colorize_and_normals_helpers():
+    d = torch.linspace(0, 1, 16).reshape(1, 1, 4, 4)
+    grey = V.colorize_depth(d)
+    assert grey.shape == (1, 3, 4, 4) and torch.equal(grey[:, 0], d[:, 0])
+    vir = V.colorize_depth(d, "viridis")
+    assert torch.allclose(V.colorize_depth(d, "viridis", near_bright=True), V.colorize_depth(1 - d, "viridis"))
+    assert vir[0, :, 0, 0].tolist() != vir[0, :, -1, -1].tolist()
+    with pytest.raises(ValueError, match="colour map"):
+        V.colorize_depth(d, "nope")
+    with pytest.raises(ValueError, match=r"\[B,1,H,W\]"):
+        V.colorize_depth(d.expand(1, 3, 4, 4))
+    n = torch.nn.functional.normalize(torch.randn(1, 3, 2, 2), dim=1)
+    f = V.flip_normals(n, flip_y=True)
+    assert torch.equal(f[:, 1], -n[:, 1]) and torch.equal(f[:, 0], n[:, 0])
+    assert V.normals_to_rgb(n).min() >= 0 and V.normals_to_rgb(n).max() <= 1
