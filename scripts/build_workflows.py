@@ -30,6 +30,7 @@ def L(src, src_out, dst, dst_in):
 
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
+SD21 = "v2-1_512-ema-pruned.safetensors"   # JointNet's base (its CLIP and VAE)
 EXAMPLE = "jointdiffusion_example.png"  # put your own picture in ComfyUI/input and pick it in LoadImage
 
 SPECS = {
@@ -117,6 +118,131 @@ SPECS = {
         ],
     },
 }
+
+def _jointnet_graph(title, task, model, nodes, links, sampler_widgets, decode_dense="depth", saves=("image", "dense")):
+    """CheckpointLoader (SD 2.1: CLIP + VAE) + prompts + JointNet loader + Joint KSampler + decode + saves."""
+    base = [
+        N(1, "CheckpointLoaderSimple", [40, 40], ckpt_name=SD21),
+        N(2, "CLIPTextEncode", [420, 40], text="a cosy living room with a red armchair, photo"),
+        N(3, "CLIPTextEncode", [420, 240], text="blurry, low quality"),
+        N(4, "JDJointNetLoader", [40, 240], jointnet=model, dtype="auto", prediction_type="epsilon"),
+        N(20, "JDJointKSampler", [1180, 40], task=task, **sampler_widgets),
+        N(21, "JDJointDecode", [1560, 40], dense_kind=decode_dense),
+    ]
+    out = [L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip"), L(4, "jointnet", 20, "jointnet"),
+           L(2, "CONDITIONING", 20, "positive"), L(3, "CONDITIONING", 20, "negative"),
+           L(20, "joint_latent", 21, "joint_latent"), L(1, "VAE", 21, "vae")]
+    for i, what in enumerate(saves):
+        base.append(N(22 + i, "SaveImage", [1900, 40 + 320 * i], filename_prefix=f"jointdiffusion/{task}_{what}"))
+        out.append(L(21, what, 22 + i, "images"))
+    return {"title": title, "nodes": base + nodes, "links": out + links}
+
+
+def _image_in(x=40, y=460):
+    return [N(10, "LoadImage", [x, y], image=EXAMPLE),
+            N(11, "ImageScale", [x, y + 340], upscale_method="bilinear", width=512, height=512, crop="center")]
+
+
+def _predicted_depth(res=768):
+    return ([N(12, "JDPredictorLoader", [420, 460], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+             N(13, "JDDepthNormalPredict", [420, 660], task="depth", processing_resolution=res, steps=1,
+               ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
+             N(14, "JDDepthColorize", [800, 660], colormap="grey", near_bright=True)],
+            [L(11, "IMAGE", 13, "image"), L(12, "predictor", 13, "predictor"), L(13, "image", 14, "depth")])
+
+
+_SAMPLER = dict(seed=0, steps=50, cfg=7.5, sampler="ddim", eta=0.0, denoise=0.0)
+_pd_nodes, _pd_links = _predicted_depth()
+_pd_low_nodes, _pd_low_links = _predicted_depth(res=256)
+
+SPECS.update({
+    "jointnet_text_to_rgbd": _jointnet_graph(
+        "JointNet: text → RGB + depth, jointly (SD 2.1 base + JointNet)", "joint_generation", "rgbd_finetune_sd21b",
+        [N(5, "JDJointEmptyLatent", [420, 460], width=512, height=512, batch_size=1)],
+        [L(5, "joint_latent", 20, "joint_latent")], _SAMPLER),
+    "jointnet_image_to_depth": _jointnet_graph(
+        "JointNet: image → depth by channel-wise inpainting (inpaint model)", "image_to_depth", "rgbd_inpaint_sd21b",
+        _image_in() + [N(5, "JDJointEncode", [800, 460], dense_kind="depth")],
+        [L(10, "IMAGE", 11, "image"), L(11, "IMAGE", 5, "image"), L(1, "VAE", 5, "vae"),
+         L(5, "joint_latent", 20, "joint_latent")], _SAMPLER, saves=("dense",)),
+    "jointnet_depth_to_image": _jointnet_graph(
+        "JointNet: depth → image by channel-wise inpainting (depth from the E2E-FT predictor)", "depth_to_image",
+        "rgbd_inpaint_sd21b",
+        _image_in() + _pd_nodes + [N(5, "JDJointEncode", [800, 460], dense_kind="depth")],
+        [L(10, "IMAGE", 11, "image")] + _pd_links + [L(14, "IMAGE", 5, "depth"), L(1, "VAE", 5, "vae"),
+                                                     L(5, "joint_latent", 20, "joint_latent")],
+        _SAMPLER, saves=("image",)),
+    "jointnet_rgbd_inpainting": _jointnet_graph(
+        "JointNet: RGBD editing — regenerate a square in both image and depth, keep the rest",
+        "masks_only", "rgbd_finetune_sd21b",
+        _image_in() + _pd_nodes + [N(5, "JDJointEncode", [800, 460], dense_kind="depth"),
+                                   N(6, "SolidMask", [800, 800], value=0.0, width=512, height=512),
+                                   N(7, "SolidMask", [800, 940], value=1.0, width=192, height=192),
+                                   N(8, "MaskComposite", [1180, 800], x=160, y=160, operation="add")],
+        [L(10, "IMAGE", 11, "image")] + _pd_links + [
+            L(11, "IMAGE", 5, "image"), L(14, "IMAGE", 5, "depth"), L(1, "VAE", 5, "vae"),
+            L(5, "joint_latent", 20, "joint_latent"), L(6, "MASK", 8, "destination"), L(7, "MASK", 8, "source"),
+            L(8, "MASK", 20, "image_mask"), L(8, "MASK", 20, "depth_mask")], _SAMPLER),
+    "jointnet_depth_refinement": _jointnet_graph(
+        "JointNet: refine a low-resolution depth map (SDEdit, strength 0.4)", "refine_depth", "rgbd_finetune_sd21b",
+        _image_in() + _pd_low_nodes + [N(5, "JDJointEncode", [800, 460], dense_kind="depth")],
+        [L(10, "IMAGE", 11, "image")] + _pd_low_links + [
+            L(11, "IMAGE", 5, "image"), L(14, "IMAGE", 5, "depth"), L(1, "VAE", 5, "vae"),
+            L(5, "joint_latent", 20, "joint_latent")], dict(_SAMPLER, denoise=0.4), saves=("dense",)),
+    "predictor_image_to_depth_normals": {
+        "title": "Single-step depth and normals (Marigold / E2E-FT, trailing DDIM t=999) with previews and raw output",
+        "nodes": [
+            N(1, "LoadImage", [40, 40], image=EXAMPLE),
+            N(2, "JDPredictorLoader", [40, 400], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+            N(3, "JDDepthNormalPredict", [420, 40], task="depth", processing_resolution=768, steps=1,
+              ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
+            N(4, "JDDepthColorize", [800, 40], colormap="jet", near_bright=False),
+            N(5, "SaveImage", [1180, 40], filename_prefix="jointdiffusion/depth_color"),
+            N(6, "JDSaveRawPrediction", [800, 260], filename_prefix="jointdiffusion/depth_raw", format="png16+npy"),
+            N(7, "JDPredictorLoader", [40, 600], model="marigold-e2e-ft-normals", dtype="auto", vae_fp32=True),
+            N(8, "JDDepthNormalPredict", [420, 500], task="normals", processing_resolution=768, steps=1,
+              ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
+            N(9, "JDNormalsVisualize", [800, 500], flip_x=False, flip_y=False, flip_z=False),
+            N(10, "SaveImage", [1180, 500], filename_prefix="jointdiffusion/normals"),
+            N(11, "SaveImage", [1180, 800], filename_prefix="jointdiffusion/depth_grey"),
+        ],
+        "links": [
+            L(1, "IMAGE", 3, "image"), L(2, "predictor", 3, "predictor"), L(3, "image", 4, "depth"),
+            L(4, "IMAGE", 5, "images"), L(3, "raw", 6, "raw"), L(1, "IMAGE", 8, "image"),
+            L(7, "predictor", 8, "predictor"), L(8, "raw", 9, "raw"), L(9, "IMAGE", 10, "images"),
+            L(3, "image", 11, "images"),
+        ],
+    },
+    "predictor_frames_to_depth_sequence": {
+        "title": "Batch of video frames → depth sequence (one step per frame, per-batch normalisation)",
+        "nodes": [
+            N(1, "LoadImage", [40, 40], image=EXAMPLE),
+            N(2, "RepeatImageBatch", [40, 380], amount=4),
+            N(3, "JDPredictorLoader", [40, 560], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+            N(4, "JDDepthNormalPredict", [420, 40], task="depth", processing_resolution=512, steps=1,
+              ensemble_size=1, seed=0, spacing="trailing", normalisation="per_batch"),
+            N(5, "SaveImage", [800, 40], filename_prefix="jointdiffusion/depth_sequence"),
+            N(6, "JDSaveRawPrediction", [800, 360], filename_prefix="jointdiffusion/depth_sequence_raw",
+              format="npy"),
+        ],
+        "links": [L(1, "IMAGE", 2, "image"), L(2, "IMAGE", 4, "image"), L(3, "predictor", 4, "predictor"),
+                  L(4, "image", 5, "images"), L(4, "raw", 6, "raw")],
+    },
+    "predictor_depth_to_mesh": {
+        "title": "Single image → E2E-FT depth → textured 3D mesh (GLB)",
+        "nodes": [
+            N(1, "LoadImage", [40, 40], image=EXAMPLE),
+            N(2, "JDPredictorLoader", [40, 400], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+            N(3, "JDDepthNormalPredict", [420, 40], task="depth", processing_resolution=768, steps=1,
+              ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
+            N(4, "JDRGBDToMesh", [800, 40], projection="perspective", fov_deg=60.0, depth_kind="depth", near=1.0,
+              far=6.0, discontinuity_threshold=0.1, downsample=1, format="glb",
+              filename_prefix="jointdiffusion/predictor_mesh", color="texture"),
+        ],
+        "links": [L(1, "IMAGE", 3, "image"), L(2, "predictor", 3, "predictor"), L(1, "IMAGE", 4, "image"),
+                  L(3, "image", 4, "depth")],
+    },
+})
 
 
 def _inputs(info: dict) -> list[tuple[str, list]]:

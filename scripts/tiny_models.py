@@ -46,11 +46,41 @@ def _diff2in1_head(root: Path) -> None:
     D.save_head(D.TaskHead(D.HeadConfig("depth", list(ch), None, width=16, upscale_steps=1)), str(root))
 
 
+def _jointnet(inpaint: bool) -> Callable[[Path], None]:
+    """Official JointNet layout (unet/ + jointnet/), CLIP-L width so ComfyUI's tiny CLIP conditions it."""
+    def build(root: Path) -> None:
+        from jointcore.jointnet import JointNet
+        from tiny import tiny_unet
+
+        import torch
+        jn = JointNet.from_unet(tiny_unet(cross_attention_dim=768), has_masked_latent_input=inpaint)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # non-zero exchange layers, as in a trained model
+            for n, p in jn.named_parameters():
+                if "jointnet_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        jn.save_pretrained(str(root))
+    return build
+
+
+def _predictor(prediction_type: str) -> Callable[[Path], None]:
+    """Marigold / E2E-FT diffusers folder (model_index.json, unet in_channels 8, trailing DDIM)."""
+    def build(root: Path) -> None:
+        from predictor_ckpt import make_checkpoint
+
+        make_checkpoint(str(root), prediction_type=prediction_type)
+        shutil.rmtree(root.parent / "_tok_src", ignore_errors=True)
+    return build
+
+
 # models/<folder>/<name>: named as the shipped workflows name the real models, so the workflows run
 # unchanged on the tiny stand-ins (which are random: they prove the path, not the pictures).
 BUILDERS: dict[str, dict[str, Callable[[Path], None]]] = {
     "diffusers": {"stable-diffusion-v1-5": _sd_folder},
     "diff2in1": {"diff2in1-depth-head": _diff2in1_head},
+    "jointnet": {"rgbd_finetune_sd21b": _jointnet(False), "rgbd_inpaint_sd21b": _jointnet(True)},
+    "jointdiffusion_predictors": {"marigold-e2e-ft-depth": _predictor("v_prediction"),
+                                  "marigold-e2e-ft-normals": _predictor("v_prediction")},
 }
 
 
