@@ -8,7 +8,8 @@ Prints two ratios of minimum times (runs interleaved; process CPU time on the CP
   same components (trailing DDIM scheduler, ``output_type="pt"``).                   target <= 1.00
 
 Default: a small random Marigold-shaped model (UNet channels 64/128, VAE 32/64/64/64) at 128×128 on the
-CPU, a few seconds. Real sizes: ``--checkpoint DIR --size 768 --device cuda --dtype fp16``.
+CPU, a few seconds. Real sizes: ``--checkpoint DIR --size 768 --device cuda --dtype fp16``, or without a checkpoint
+``--sd --size 768 --device cuda --dtype fp16`` (random weights of the real Marigold/SD 2.x size).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_predictor.py [--size 128] [--repeats 7]
 """
@@ -29,19 +30,27 @@ import torch  # noqa: E402
 from jointcore.predictor import DepthNormalPredictor, load_predictor  # noqa: E402
 
 
-def build_random(workdir: str):
+def build_random(workdir: str, sd: bool = False):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from predictor_ckpt import tiny_clip_tokenizer
     from tiny import tiny_text_encoder
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
-                        layers_per_block=1, norm_num_groups=16, sample_size=128).eval()
-    te = tiny_text_encoder(hidden_size=64)
+    if sd:  # Marigold = SD 2.x layout with an 8-channel input conv, SD VAE (random weights: cost only)
+        unet = UNet2DConditionModel(in_channels=8, out_channels=4, cross_attention_dim=1024,
+                                    attention_head_dim=(5, 10, 20, 20), use_linear_projection=True).eval()
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4).eval()
+        te = tiny_text_encoder(hidden_size=1024)
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16).eval()
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
+                            layers_per_block=1, norm_num_groups=16, sample_size=128).eval()
+        te = tiny_text_encoder(hidden_size=64)
     tok = tiny_clip_tokenizer(os.path.join(workdir, "tok"))
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
@@ -72,11 +81,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15, help="timed runs of each (minimum reported)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--sd", action="store_true", help="random full-size Marigold model (SD 2.x UNet, 8 input "
+                    "channels; SD VAE) instead of the small one, when no --checkpoint is given")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as wd:
         pred = (load_predictor(args.checkpoint, dtype=args.dtype, device=args.device) if args.checkpoint
-                else build_random(wd).to(args.device, {"fp32": torch.float32, "fp16": torch.float16,
+                else build_random(wd, args.sd).to(args.device, {"fp32": torch.float32, "fp16": torch.float16,
                                                        "bf16": torch.bfloat16}[args.dtype]))
         if not args.checkpoint:
             pred.vae.to(pred.dtype)
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
 
     print(f"device {dev} ({'wall' if dev.type == 'cuda' else 'process CPU'} time, min of {args.repeats}), "
           f"dtype {args.dtype}, image {args.size}x{args.size}, "
-          f"model {'random small' if not args.checkpoint else args.checkpoint}")
+          f"model {args.checkpoint or ('random SD-2.x-sized' if args.sd else 'random small')}")
     print(f"floor (encode + 1 UNet + decode): {tf * 1e3:8.2f} ms")
     print(f"predictor single step:            {to * 1e3:8.2f} ms")
     print(f"diffusers MarigoldDepthPipeline:  {td * 1e3:8.2f} ms")

@@ -37,10 +37,34 @@ from jointcore.schedules import alphas_cumprod, ddim_timesteps  # noqa: E402
 from jointcore.tiled import TiledConfig, TiledStats, tiled_decode, tiled_sample  # noqa: E402
 
 
-def _decode_worker(mode: str, h: int, w: int, tile: int, circular: bool) -> None:
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_models(sd: bool, window: int):
+    """(unet, vae, cross-attention dim): tiny random models, or SD 2.x base layout (random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from tiny import tiny_unet, tiny_vae
+    if not sd:
+        return tiny_unet(sample_size=window), tiny_vae(), 32
+    unet = UNet2DConditionModel(sample_size=window, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                use_linear_projection=True)
+    return unet, sd_vae(), 1024
+
+
+def sd_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+
+
+def _decode_worker(mode: str, h: int, w: int, tile: int, circular: bool, device: str = "cpu", dtype: str = "fp32",
+                   sd: bool = False) -> None:
     from tiny import tiny_vae
-    vae = tiny_vae()
-    z = torch.randn(1, 4, h, w)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    vae = (sd_vae() if sd else tiny_vae()).eval().to(dev, DTYPES[dtype])
+    z = torch.randn(1, 4, h, w, device=dev, dtype=DTYPES[dtype])
 
     def dec(x):
         return vae.decode(x / 0.18215).sample
@@ -59,28 +83,43 @@ def _decode_worker(mode: str, h: int, w: int, tile: int, circular: bool) -> None
             peak[0] = max(peak[0], rss())
             time.sleep(0.0005)
 
+    cuda = dev.type == "cuda"
     with torch.no_grad():
-        dec(torch.randn(1, 4, 8, 8))  # warm-up allocations
-        base = rss()
-        th = threading.Thread(target=sampler, daemon=True)
-        th.start()
+        dec(torch.randn(1, 4, 8, 8, device=dev, dtype=z.dtype))  # warm-up allocations
+        if cuda:  # CUDA: peak of torch's allocated device memory above what is live before the decode
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = rss()
+            th = threading.Thread(target=sampler, daemon=True)
+            th.start()
         t0 = time.perf_counter()
         if mode == "whole":
             img = dec(z)
         else:
             img = tiled_decode(dec, z, tile=tile, overlap=tile // 4, context=tile // 8, circular=circular)
+        if cuda:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        done.set()
-        th.join()
-    print(json.dumps({"mode": mode, "peak_mib": (peak[0] - base) / 2**20, "seconds": dt, "shape": list(img.shape)}))
+        if cuda:
+            peak[0] = torch.cuda.max_memory_allocated()
+        else:
+            done.set()
+            th.join()
+    print(json.dumps({"mode": mode, "peak_mib": (peak[0] - base) / 2**20, "seconds": dt, "shape": list(img.shape),
+                      "memory": "peak cuda max_memory_allocated growth" if cuda else "peak RSS growth"}))
 
 
 def _run_decode(mode, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--_decode", mode, "--decode-h", str(args.decode_h),
-           "--decode-w", str(args.decode_w), "--decode-tile", str(args.decode_tile)]
+           "--decode-w", str(args.decode_w), "--decode-tile", str(args.decode_tile), "--device", args.device,
+           "--dtype", args.dtype] + (["--sd"] if args.sd else [])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
-    return json.loads(out)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:  # e.g. out of memory for the whole-image decode: report, do not abort the bench
+        return {"mode": mode, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -94,23 +133,37 @@ def main() -> None:
     ap.add_argument("--decode-h", type=int, default=64)
     ap.add_argument("--decode-w", type=int, default=256)
     ap.add_argument("--decode-tile", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    ap.add_argument("--sd", action="store_true", help="SD 2.x base UNet + SD VAE layout (random weights; use "
+                    "--window 64) instead of the tiny models")
+    ap.add_argument("--skip-sampling", action="store_true", help="only the VAE decode memory part")
     ap.add_argument("--_decode", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._decode:
-        return _decode_worker(args._decode, args.decode_h, args.decode_w, args.decode_tile, False)
+        return _decode_worker(args._decode, args.decode_h, args.decode_w, args.decode_tile, False, args.device,
+                              args.dtype, args.sd)
+    if not args.skip_sampling:
+        sample_bench(args)
+    decode_bench(args)
 
-    from tiny import tiny_unet, tiny_vae
+
+def sample_bench(args) -> None:
     torch.manual_seed(0)
-    unet, vae = tiny_unet(sample_size=args.window), tiny_vae()
+    dev, dt = torch.device(args.device), DTYPES[args.dtype]
+    unet, vae, d = build_models(args.sd, args.window)
+    unet, vae = unet.eval().to(dev, dt), vae.eval().to(dev, dt)
     den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
-    cond = TextConditioning(torch.randn(1, 7, 32), torch.randn(1, 7, 32), 7.5)
-    perc = load_lpips(args.lpips, random_backbone=True)
+    n_tok = 77 if args.sd else 7
+    cond = TextConditioning(torch.randn(1, n_tok, d, device=dev, dtype=dt),
+                            torch.randn(1, n_tok, d, device=dev, dtype=dt), 7.5)
+    perc = load_lpips(args.lpips, random_backbone=True).to(dev, dt)
 
     def decode(z):
         return vae.decode(z / 0.18215).sample
 
     ts = ddim_timesteps(args.steps, "leading", steps_offset=1)
-    x = torch.randn(1, 4, args.pano_h, args.pano_w)
+    x = torch.randn(1, 4, args.pano_h, args.pano_w).to(dev, dt)
     s = args.window / 64
     st = lambda v: max(1, round(v * s))  # noqa: E731
     configs = {
@@ -126,14 +179,19 @@ def main() -> None:
         "jointnet strategy (stride 32)": TiledConfig.jointnet(window=args.window, stride=st(32)),
     }
     print(f"# tiled sampling: latent {args.pano_h}x{args.pano_w}, window {args.window}, {args.steps} DDIM steps, "
-          f"tiny UNet, LPIPS {args.lpips}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
+          f"{'SD 2.x-sized' if args.sd else 'tiny'} UNet, LPIPS {args.lpips}, device {dev}, {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}, best of {args.repeats}")
     res = {}
     for name, cfg in configs.items():
         best = None
         for _ in range(max(1, args.repeats)):
             stats = TiledStats()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             tiled_sample(den, x, ts, cond, cfg, decode=decode, perceptual=perc, stats=stats,
                          generator=torch.Generator().manual_seed(0))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # (tiled_sample already syncs each step via its coverage check)
             best = stats if best is None or stats.seconds < best.seconds else best
         res[name] = stats = best
         print(f"{name:52s} {stats.seconds:7.2f} s  NFE {stats.nfe:5d} (grad {stats.grad_evals:4d}, "
@@ -147,13 +205,19 @@ def main() -> None:
     print(f"view batching speed-up (1 vs 8 views/call)  : "
           f"{md / res['multidiffusion (stride 8, 8 views/call)'].seconds:.2f}x")
 
+
+def decode_bench(args) -> None:
     print(f"# VAE decode: latent {args.decode_h}x{args.decode_w} -> {args.decode_h * 8}x{args.decode_w * 8} px, "
-          f"tiny VAE, tile {args.decode_tile}")
+          f"{'SD' if args.sd else 'tiny'} VAE, tile {args.decode_tile}, device {args.device}, {args.dtype}", flush=True)
     whole = _run_decode("whole", args)
     tiled = _run_decode("tiled", args)
     for r in (whole, tiled):
-        print(f"decode {r['mode']:6s} peak RSS growth {r['peak_mib']:8.1f} MiB  {r['seconds']:.2f} s")
-    print(f"peak memory tiled / whole: {tiled['peak_mib'] / max(whole['peak_mib'], 1e-6):.3f}")
+        if "error" in r:
+            print(f"decode {r['mode']:6s} FAILED: {r['error']}")
+        else:
+            print(f"decode {r['mode']:6s} {r['memory']} {r['peak_mib']:8.1f} MiB  {r['seconds']:.2f} s")
+    if "error" not in whole and "error" not in tiled:
+        print(f"peak memory tiled / whole: {tiled['peak_mib'] / max(whole['peak_mib'], 1e-6):.3f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ._deps import require
+
 #: torchvision file names of the LPIPS backbones (as torchvision's model zoo / torch hub cache names them).
 TORCHVISION_BACKBONE_FILES = {
     "vgg": "vgg16-397923af.pth",
@@ -101,9 +103,9 @@ def load_lpips(net: str = "vgg", backbone_path: Optional[str] = None, search: It
     Raises:
         FileNotFoundError: naming the file to place and where.
     """
-    import lpips
+    lpips = require("lpips", "SyncDiffusion's perceptual loss (LPIPS)")
 
-    fname = _backbone_file(net)
+    _backbone_file(net)  # validates ``net``
     where = [p for p in ([backbone_path] if backbone_path else []) + list(search) if p]
     path = None
     if not random_backbone:

@@ -27,6 +27,7 @@ circular wrap in x, for panoramas whose whole-image decoder activations do not f
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -300,15 +301,54 @@ def sync_view_update(denoiser: Denoiser, x_view: torch.Tensor, t: torch.Tensor, 
     ``x_v ← x_v - weight · ∇_{x_v} L``, ``L = perceptual(clamp(D(x0(x_v)[:, :channels]), -1, 1), anchor_image)``
     summed over the batch, with ``x0`` the denoiser's clean estimate (through CFG). Returns the updated
     latent (detached).
+
+    The gradient goes through the denoiser as in the paper. A denoiser whose forward pass modifies saved
+    activations in place (ComfyUI's UNet before mid-2024 does ``x += n`` in its transformer blocks) cannot be
+    differentiated; then, with a warning, the noise estimate is held constant (``x0 = (x_v - √(1-ᾱ) ε̂) / √ᾱ``,
+    the gradient through the decoder and LPIPS only).
     """
     with torch.enable_grad():
         xv = x_view.detach().clone().requires_grad_(True)
-        out = denoiser(xv, t, cond)
-        x0 = P.to_x0(out, xv, t, denoiser.alphas_cumprod, denoiser.prediction_type)
-        img = decode(x0[:, :channels]).clamp(-1, 1)
-        loss = perceptual(img, anchor_image.to(img)).sum()
-        (g,) = torch.autograd.grad(loss, xv)
+        try:
+            out = denoiser(xv, t, cond)
+            x0 = P.to_x0(out, xv, t, denoiser.alphas_cumprod, denoiser.prediction_type)
+            g = _perceptual_grad(x0, xv, decode, perceptual, anchor_image, channels)
+        except RuntimeError as e:
+            if "inplace operation" not in str(e):
+                raise
+            _warn_inplace_once(e)
+            x0 = _x0_with_constant_noise(denoiser, xv, t, cond)
+            g = _perceptual_grad(x0, xv, decode, perceptual, anchor_image, channels)
     return (x_view.detach() - weight * g.to(x_view.dtype)).detach()
+
+
+def _perceptual_grad(x0, xv, decode, perceptual, anchor_image, channels) -> torch.Tensor:
+    img = decode(x0[:, :channels]).clamp(-1, 1)
+    loss = perceptual(img, anchor_image.to(img)).sum()
+    (g,) = torch.autograd.grad(loss, xv)
+    return g
+
+
+def _x0_with_constant_noise(denoiser: Denoiser, xv: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    """``x0(x_v) = (x_v - √(1-ᾱ) ε̂) / √ᾱ`` with ε̂ evaluated once, without gradient."""
+    ab = denoiser.alphas_cumprod
+    with torch.no_grad():
+        out = denoiser(xv.detach(), t, cond)
+        eps = P.to_eps(out, xv.detach(), t, ab, denoiser.prediction_type)
+    a, s = P._coeffs(ab, t, xv)
+    return ((xv.double() - s * eps.double()) / a).to(xv.dtype)
+
+
+_WARNED_INPLACE = []
+
+
+def _warn_inplace_once(err: Exception) -> None:
+    if not _WARNED_INPLACE:
+        _WARNED_INPLACE.append(True)
+        logging.getLogger("jointdiffusion").warning(
+            "SyncDiffusion: this model modifies activations in place, so the LPIPS gradient cannot pass through "
+            "it (%s). Using the gradient with the noise estimate held constant (decoder + LPIPS only); a newer "
+            "ComfyUI (mid-2024 or later) gives the exact gradient.", str(err).split(":")[0])
 
 
 # ---------------------------------------------------------------------------------------------------

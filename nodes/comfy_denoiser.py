@@ -59,33 +59,51 @@ class ComfyDenoiser:
         return self.kmodel(x, sig.to(device=x_t.device, dtype=x_t.dtype), **self.extra_args)
 
 
+class ComfyRun:
+    """What every KSAMPLER function driving a jointcore loop shares: the denoiser, ComfyUI's σ schedule as
+    jointcore timesteps (nearest discrete t), the starting ``x_t``, a progress/preview/interrupt callback
+    and the final rescale back to ComfyUI's ``x = x_t / √ᾱ`` (``x0`` when the schedule ends at σ = 0)."""
+
+    def __init__(self, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                 callback: Callable | None = None):
+        self.extra_args = extra_args if extra_args is not None else {}
+        self.denoiser = ComfyDenoiser(model, find_model_sampling(model), self.extra_args)
+        self.alphas_cumprod = ab = self.denoiser.alphas_cumprod
+        self.sigmas = sigmas
+        sig = sigmas.detach().double().cpu()
+        self.timesteps = sigma_to_timestep(sig[:-1].clamp(min=1e-12), ab).tolist()
+        self.last = -1 if float(sig[-1]) == 0 else int(sigma_to_timestep(sig[-1:], ab)[0])
+        self.prev = self.timesteps[1:] + [self.last]
+        self.seed = int(self.extra_args.get("seed", 0) or 0)
+        self.x_t = (x.double() * self.scale(self.timesteps[0])).to(x.dtype)  # x = x0 + σ ε → x_t = √ᾱ x
+        self._callback = callback
+
+    def scale(self, t: int) -> float:
+        """√ᾱ_t (1 for the end, t < 0)."""
+        return float(self.alphas_cumprod[t]) ** 0.5 if t >= 0 else 1.0
+
+    def callback(self, i: int, n: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        """jointcore step callback → ComfyUI's (previews, progress bar); raises when the user cancels."""
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        if self._callback is not None:
+            self._callback({"i": i, "denoised": x0, "x": x_t / self.scale(self.prev[i]), "sigma": self.sigmas[i],
+                            "sigma_hat": self.sigmas[i]})
+
+    def finish(self, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (out.double() / self.scale(self.last)).to(like.dtype)
+
+
 def comfy_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 0.0):
     """KSAMPLER function: jointcore DDIM on the model's discrete timesteps nearest to ``sigmas``."""
-    import comfy.model_management as mm
-
     from ..jointcore.sampling import ddim_sample
 
-    extra_args = extra_args or {}
-    den = ComfyDenoiser(model, find_model_sampling(model), extra_args)
-    ab = den.alphas_cumprod
-    sig = sigmas.detach().double().cpu()
-    ts = sigma_to_timestep(sig[:-1].clamp(min=1e-12), ab).tolist()
-    last = -1 if float(sig[-1]) == 0 else int(sigma_to_timestep(sig[-1:], ab)[0])
-    prev = ts[1:] + [last]
-    x_t = (x.double() * ab[ts[0]].sqrt()).to(x.dtype)  # x = x0 + σ ε  →  x_t = √ᾱ x
-    seed = int(extra_args.get("seed", 0) or 0)
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def cb(i, n, xt, x0):
-        mm.throw_exception_if_processing_interrupted()
-        if callback is not None:
-            tp = prev[i]
-            a = float(ab[tp]) ** 0.5 if tp >= 0 else 1.0
-            callback({"i": i, "denoised": x0, "x": xt / a, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
-
-    out = ddim_sample(den, x_t, ts, None, eta=eta, prev_timesteps=prev, generator=gen, callback=cb)
-    a_last = float(ab[last]) ** 0.5 if last >= 0 else 1.0
-    return (out.double() / a_last).to(x.dtype)
+    run = ComfyRun(model, x, sigmas, extra_args, callback)
+    gen = torch.Generator().manual_seed(run.seed + 1)
+    out = ddim_sample(run.denoiser, run.x_t, run.timesteps, None, eta=eta, prev_timesteps=run.prev, generator=gen,
+                      callback=run.callback)
+    return run.finish(out, x)
 
 
 def make_ksampler(fn: Callable, **options):

@@ -17,8 +17,7 @@ import torch
 
 from ..jointcore import diff2in1 as D
 from ..jointcore import mt_diffusion as MT
-from ..jointcore.prediction import sigma_to_timestep
-from .comfy_denoiser import ComfyDenoiser, find_model_sampling, make_ksampler
+from .comfy_denoiser import ComfyRun, make_ksampler
 from .common import (CATEGORY, bchw_to_image, image_to_bchw, list_model_dirs, offload_device, progress,
                      register_model_folder, resolve_model_dir, torch_device)
 
@@ -232,20 +231,15 @@ def mt_restore(model, x, sigmas, extra_args=None, callback=None, disable=None, m
     modality (identity encoder, weight ``modality_weight``; 0 = plain DDPM ancestral for ordinary models) and
     the known region is re-imposed after every step and copied exactly at the end.
     """
-    import comfy.model_management as mm
-
-    extra_args = extra_args or {}
-    den = ComfyDenoiser(model, find_model_sampling(model), extra_args)
-    ab = den.alphas_cumprod
-    sig = sigmas.detach().double().cpu()
-    if float(sig[-1]) != 0:
+    run = ComfyRun(model, x, sigmas, extra_args, callback)
+    if run.last != -1:
         raise ValueError("the MT-Diffusion restore sampler needs sigmas that end at 0 (a full denoise schedule)")
-    ts = sigma_to_timestep(sig[:-1].clamp(min=1e-12), ab).tolist()
+    ab, ts = run.alphas_cumprod, run.timesteps
     ts = [t for i, t in enumerate(ts) if i == 0 or t < ts[i - 1]]  # strictly decreasing
-    x_t = (x.double() * ab[ts[0]].sqrt()).to(x.dtype)
-    gen = torch.Generator().manual_seed(int(extra_args.get("seed", 0) or 0) + 7)
+    x_t = run.x_t
+    gen = torch.Generator().manual_seed(run.seed + 7)
     fa = MT.ForwardAggregation(ab, [float(modality_weight)])
-    mask = extra_args.get("denoise_mask")
+    mask = run.extra_args.get("denoise_mask")
     known = getattr(model, "latent_image", None)
     hook, emb = None, [None]
     if mask is not None and known is not None:
@@ -256,12 +250,8 @@ def mt_restore(model, x, sigmas, extra_args=None, callback=None, disable=None, m
         emb = [known * (1 - m)] if modality_weight != 0 else [None]
         hook = MT.KnownRegionHook(known, m, fa, emb, generator=gen)
 
-    def cb(i, n, z, _x0):
-        mm.throw_exception_if_processing_interrupted()
-        if callback is not None:
-            callback({"i": i, "denoised": z, "x": z, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
-
-    return MT.mt_sample(den, x_t, ts, None, fa, emb, generator=gen, step_hook=hook, callback=cb)
+    return MT.mt_sample(run.denoiser, x_t, ts, None, fa, emb, generator=gen, step_hook=hook,
+                        callback=run.callback)
 
 
 class JDMTDiffusionRestoreSampler:

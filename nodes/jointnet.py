@@ -288,12 +288,81 @@ class JDJointKSampler:
         return (_latent(out / SD_SCALE),)
 
 
+class JDJointPanoramaSampler:
+    """RGBD panoramas with JointNet: the tiled loop of :mod:`jointcore.tiled` on the joint 8-channel latent."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "jointnet": ("JD_JOINTNET",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "joint_latent": ("LATENT", {"tooltip": "a wide JD Joint Empty Latent (e.g. 2048×512), or JD Joint Encode "
+                                                   "of an upsampled panorama for refinement"}),
+            "method": (["jointnet", "multidiffusion"], {"default": "jointnet",
+                       "tooltip": "jointnet: whole-image tile (weight 5) for the first 40% of steps, random "
+                                  "offsets, linear boundary weights; multidiffusion: plain averaging"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+            "window": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "stride": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "0 = the method's default"}),
+            "circular": ("BOOLEAN", {"default": False, "tooltip": "wrap around in x (360° panoramas)"}),
+            "view_batch": ("INT", {"default": 4, "min": 1, "max": 64}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "< 1: SDEdit refinement of the given joint latent (paper: 0.4)"}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("joint_latent",)
+    FUNCTION = "sample"
+    CATEGORY = CAT
+    DESCRIPTION = ("Tiled JointNet sampling for RGBD panoramas (the JointNet tile strategy or MultiDiffusion), and "
+                   "tiled SDEdit refinement of an upsampled RGBD panorama.")
+
+    def sample(self, jointnet, positive, negative, joint_latent, method, seed, steps, cfg, window, stride, circular,
+               view_batch, denoise):
+        from ..jointcore.prediction import add_noise
+        from ..jointcore.tiled import tiled_sample
+        from .panorama import build_config
+
+        b: JointNetBundle = jointnet
+        z = joint_latent["samples"]
+        if z.ndim != 4 or z.shape[1] != 8:
+            raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
+                             f"{tuple(z.shape)}")
+        if b.model.has_masked_latent_input:
+            raise ValueError("panoramas need the joint-generation model (e.g. rgbd_finetune_sd21b), not the "
+                             "mask-conditioned inpaint model")
+        B, _, h, w = z.shape
+        config = build_config(method, window, stride, circular, view_batch)
+        D = b.model.cross_attention_dim
+        c, u = _same_length(conditioning_embedding(positive, D, "positive"),
+                            conditioning_embedding(negative, D, "negative"))
+        text = TextConditioning(c, u, float(cfg))
+        ts = JS.get_timesteps(S.ddim_timesteps(steps, "leading", steps_offset=1).tolist(), float(denoise))
+        noise = JS.make_noise((B, 8, h, w), seed=seed)
+        den = b.denoiser()
+        x = noise if denoise >= 1.0 else add_noise(z.float() * SD_SCALE, noise, ts[0], den.alphas_cumprod)
+        dev = torch_device()
+        b.model.to(dev)
+        try:
+            cb = progress(len(ts))
+            out = tiled_sample(den, x.to(dev), ts, text, config, final_alpha_cumprod=float(den.alphas_cumprod[0]),
+                               generator=torch.Generator().manual_seed((seed + 2) % 2**64),
+                               callback=lambda *a: cb())
+        finally:
+            b.model.to(offload_device())
+        return (_latent(out.cpu() / SD_SCALE),)
+
+
 NODE_CLASS_MAPPINGS = {
     "JDJointNetLoader": JDJointNetLoader,
     "JDJointEmptyLatent": JDJointEmptyLatent,
     "JDJointEncode": JDJointEncode,
     "JDJointDecode": JDJointDecode,
     "JDJointKSampler": JDJointKSampler,
+    "JDJointPanoramaSampler": JDJointPanoramaSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "JDJointNetLoader": "JD JointNet Loader",
@@ -301,4 +370,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "JDJointEncode": "JD Joint Encode (image + depth)",
     "JDJointDecode": "JD Joint Decode (image + depth)",
     "JDJointKSampler": "JD Joint KSampler (JointNet)",
+    "JDJointPanoramaSampler": "JD Joint Panorama Sampler (RGBD, tiled)",
 }

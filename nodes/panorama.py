@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..jointcore.metrics_pano import load_lpips
-from ..jointcore.prediction import sigma_to_timestep
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
-from .comfy_denoiser import ComfyDenoiser, find_model_sampling, make_ksampler
+from .comfy_denoiser import ComfyRun, make_ksampler
 from .common import CATEGORY
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]
@@ -96,15 +95,8 @@ def comfy_tiled(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 def _comfy_tiled(model, x, sigmas, extra_args, callback, config, eta, vae, lpips_net):
     import comfy.model_management as mm
 
-    den = ComfyDenoiser(model, find_model_sampling(model), extra_args)
-    ab = den.alphas_cumprod
-    sig = sigmas.detach().double().cpu()
-    ts = sigma_to_timestep(sig[:-1].clamp(min=1e-12), ab).tolist()
-    last = -1 if float(sig[-1]) == 0 else int(sigma_to_timestep(sig[-1:], ab)[0])
-    prev = ts[1:] + [last]
-    x_t = (x.double() * ab[ts[0]].sqrt()).to(x.dtype)  # x = x0 + σ ε  →  x_t = √ᾱ x
-    seed = int(extra_args.get("seed", 0) or 0)
-    gen = torch.Generator().manual_seed(seed + 2)
+    run = ComfyRun(model, x, sigmas, extra_args, callback)
+    gen = torch.Generator().manual_seed(run.seed + 2)
 
     decode = perceptual = None
     if config.sync_weight > 0:
@@ -126,20 +118,13 @@ def _comfy_tiled(model, x, sigmas, extra_args, callback, config, eta, vae, lpips
             zz = latent_out(z).to(device=vae.device, dtype=vae.vae_dtype)
             return vae.first_stage_model.decode(zz).to(device=z.device, dtype=torch.float32)
 
-    def cb(i, n, xt, x0):
-        mm.throw_exception_if_processing_interrupted()
-        if callback is not None:
-            tp = prev[i]
-            a = float(ab[tp]) ** 0.5 if tp >= 0 else 1.0
-            callback({"i": i, "denoised": x0, "x": xt / a, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
-
     def sync_hook(*_a):
         mm.throw_exception_if_processing_interrupted()
 
-    out = tiled_sample(den, x_t, ts, None, config, eta=eta, prev_timesteps=prev, generator=gen,
-                       decode=decode, perceptual=perceptual, callback=cb, sync_hook=sync_hook)
-    a_last = float(ab[last]) ** 0.5 if last >= 0 else 1.0
-    return (out.double() / a_last).to(x.dtype)
+    out = tiled_sample(run.denoiser, run.x_t, run.timesteps, None, config, eta=eta, prev_timesteps=run.prev,
+                       generator=gen, decode=decode, perceptual=perceptual, callback=run.callback,
+                       sync_hook=sync_hook)
+    return run.finish(out, x)
 
 
 class JDTiledDiffusionSampler:

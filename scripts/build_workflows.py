@@ -119,14 +119,19 @@ SPECS = {
     },
 }
 
-def _jointnet_graph(title, task, model, nodes, links, sampler_widgets, decode_dense="depth", saves=("image", "dense")):
-    """CheckpointLoader (SD 2.1: CLIP + VAE) + prompts + JointNet loader + Joint KSampler + decode + saves."""
+def _jointnet_graph(title, task, model, nodes, links, sampler_widgets, decode_dense="depth", saves=("image", "dense"),
+                    panorama=False):
+    """CheckpointLoader (SD 2.1: CLIP + VAE) + prompts + JointNet loader + Joint KSampler (or the tiled Joint
+    Panorama Sampler) + decode + saves."""
+    sampler = (N(20, "JDJointPanoramaSampler", [1180, 40], method="jointnet", seed=0, steps=50, cfg=7.5, window=512,
+                 stride=0, circular=False, view_batch=4, denoise=1.0) if panorama
+               else N(20, "JDJointKSampler", [1180, 40], task=task, **sampler_widgets))
     base = [
         N(1, "CheckpointLoaderSimple", [40, 40], ckpt_name=SD21),
         N(2, "CLIPTextEncode", [420, 40], text="a cosy living room with a red armchair, photo"),
         N(3, "CLIPTextEncode", [420, 240], text="blurry, low quality"),
         N(4, "JDJointNetLoader", [40, 240], jointnet=model, dtype="auto", prediction_type="epsilon"),
-        N(20, "JDJointKSampler", [1180, 40], task=task, **sampler_widgets),
+        sampler,
         N(21, "JDJointDecode", [1560, 40], dense_kind=decode_dense),
     ]
     out = [L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip"), L(4, "jointnet", 20, "jointnet"),
@@ -242,6 +247,78 @@ SPECS.update({
         "links": [L(1, "IMAGE", 3, "image"), L(2, "predictor", 3, "predictor"), L(1, "IMAGE", 4, "image"),
                   L(3, "image", 4, "depth")],
     },
+})
+
+
+def _sd_prompts(text):
+    return ([N(1, "CheckpointLoaderSimple", [40, 40], ckpt_name=SD15),
+             N(2, "CLIPTextEncode", [420, 40], text=text),
+             N(3, "CLIPTextEncode", [420, 240], text="blurry, low quality, seam")],
+            [L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip")])
+
+
+def _tiled_graph(title, text, latent_node, latent_links, sampler_widgets, sigmas_node, decode_circular,
+                 preview=None, extra_nodes=(), extra_links=()):
+    sampler_widgets = dict(sampler_widgets)
+    needs_vae = sampler_widgets.pop("_needs_vae", ())
+    nodes, links = _sd_prompts(text)
+    nodes += [latent_node, sigmas_node,
+              N(6, "JDTiledDiffusionSampler", [800, 400], **sampler_widgets),
+              N(7, "SamplerCustom", [1180, 40], add_noise=True, noise_seed=1, cfg=7.5),
+              N(8, "JDTiledVAEDecode", [1560, 40], tile=512, overlap=128, circular=decode_circular),
+              N(9, "SaveImage", [1900, 40], filename_prefix="jointdiffusion/panorama"), *extra_nodes]
+    links += [L(1, "MODEL", 5, "model"), L(1, "MODEL", 7, "model"), L(2, "CONDITIONING", 7, "positive"),
+              L(3, "CONDITIONING", 7, "negative"), L(6, "SAMPLER", 7, "sampler"), L(5, "SIGMAS", 7, "sigmas"),
+              L(4, "LATENT", 7, "latent_image"), L(7, "output", 8, "samples"), L(1, "VAE", 8, "vae"),
+              L(8, "IMAGE", 9, "images"), *latent_links, *extra_links]
+    if "vae" in needs_vae:
+        links.append(L(1, "VAE", 6, "vae"))
+    if preview:
+        nodes.append(N(10, "JDPanoramaPreview", [1900, 400], projection=preview[0], span_deg=preview[1],
+                       filename_prefix="jointdiffusion/panorama_view"))
+        links.append(L(8, "IMAGE", 10, "images"))
+    return {"title": title, "nodes": nodes, "links": links}
+
+
+SPECS.update({
+    "syncdiffusion_panorama_2048x512": _tiled_graph(
+        "SyncDiffusion: a coherent 2048×512 panorama from a plain SD checkpoint (LPIPS sync toward the middle "
+        "view; LPIPS VGG backbone file in models/lpips)",
+        "a mountain lake at sunrise, wide panorama, photo",
+        N(4, "EmptyLatentImage", [420, 460], width=2048, height=512, batch_size=1), [],
+        dict(method="syncdiffusion", window=512, stride=128, circular=False, view_batch=4, eta=0.0,
+             sync_weight=20.0, sync_decay=0.95, sync_freq=1, sync_thres=10, lpips_net="vgg", _needs_vae=("vae",)),
+        N(5, "JDTrailingDDIMSigmas", [40, 400], steps=50, spacing="leading", zero_terminal_snr=False),
+        False, preview=("cylindrical", 180.0)),
+    "panorama_360_seamless": _tiled_graph(
+        "360° seamless panorama: circular MultiDiffusion (wraps in x), circular tiled decoding, 360° viewer",
+        "a sunny village square surrounded by houses, 360 degree equirectangular panorama",
+        N(4, "EmptyLatentImage", [420, 460], width=2048, height=1024, batch_size=1), [],
+        dict(method="multidiffusion", window=512, stride=256, circular=True, view_batch=4, eta=0.0),
+        N(5, "JDTrailingDDIMSigmas", [40, 400], steps=30, spacing="trailing", zero_terminal_snr=False),
+        True, preview=("equirectangular", 360.0)),
+    "panorama_refinement": _tiled_graph(
+        "Panorama refinement: upsample, then tiled SDEdit at strength 0.4 (JointNet appendix) with the "
+        "JointNet tile strategy",
+        "a mountain lake at sunrise, wide panorama, photo, sharp details",
+        N(4, "VAEEncode", [420, 760]),
+        [L(11, "IMAGE", 12, "image"), L(12, "IMAGE", 4, "pixels"), L(1, "VAE", 4, "vae")],
+        dict(method="jointnet", window=512, stride=0, circular=False, view_batch=4, eta=0.0),
+        N(5, "BasicScheduler", [40, 400], scheduler="ddim_uniform", steps=50, denoise=0.4),
+        False, extra_nodes=(N(11, "LoadImage", [40, 700], image=EXAMPLE),
+                            N(12, "ImageScale", [40, 1040], upscale_method="lanczos", width=2048, height=512,
+                              crop="disabled"))),
+    "jointnet_rgbd_panorama_to_mesh": _jointnet_graph(
+        "JointNet RGBD panorama (2048×512, tile strategy) → 180° cylindrical mesh (GLB) + panorama viewer",
+        "joint_generation", "rgbd_finetune_sd21b",
+        [N(5, "JDJointEmptyLatent", [420, 460], width=2048, height=512, batch_size=1),
+         N(30, "JDPanoramaPreview", [2300, 40], projection="cylindrical", span_deg=180.0,
+           filename_prefix="jointdiffusion/rgbd_panorama_view"),
+         N(31, "JDRGBDToMesh", [2300, 400], projection="cylindrical", fov_deg=60.0, horizontal_span_deg=180.0,
+           depth_kind="disparity", near=1.0, far=10.0, discontinuity_threshold=0.1, downsample=2, format="glb",
+           filename_prefix="jointdiffusion/rgbd_panorama_mesh", color="vertex")],
+        [L(5, "joint_latent", 20, "joint_latent"), L(21, "image", 30, "images"), L(21, "image", 31, "image"),
+         L(21, "dense", 31, "depth")], {}, panorama=True),
 })
 
 

@@ -301,7 +301,20 @@ def workflows(root: Path = REPO / "workflows") -> list[Path]:
 
 # ---- running the shipped workflows on the built-in tiny default ---------------------------------------
 
-SIZE_INPUTS = ("width", "height", "x", "y", "resolution", "processing_resolution")
+SIZE_INPUTS = ("width", "height", "resolution", "processing_resolution")  # image sizes: ÷8, at least 64
+GEOMETRY_INPUTS = ("x", "y", "window", "stride", "tile", "overlap")     # offsets/tiles in px: ÷8, at least 8
+
+
+def shrink_for_tiny(api: dict, factor: int = 8) -> dict:
+    """Scale image sizes down (512 → 64) so workflows run in seconds on the CPU with the tiny models."""
+    api = json.loads(json.dumps(api))
+    for node in api.values():
+        for keys, minimum in ((SIZE_INPUTS, 64), (GEOMETRY_INPUTS, 8)):
+            for k in keys:
+                v = node["inputs"].get(k)
+                if isinstance(v, int) and not isinstance(v, bool) and v > minimum:
+                    node["inputs"][k] = max(minimum, (v // factor) // 8 * 8)
+    return api
 
 
 def referenced_checkpoints(ui_workflows: list[Path]) -> set[str]:
@@ -329,17 +342,6 @@ def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path) -> dict[str, 
             link.symlink_to(ckpt)
         links.append(link)
     return {"checkpoints": tuple(links), "extra_models": T.build(cache_dir())}
-
-
-def shrink_for_tiny(api: dict, factor: int = 8, minimum: int = 64) -> dict:
-    """Scale image sizes down (512 → 64) so workflows run in seconds on the CPU with the tiny models."""
-    api = json.loads(json.dumps(api))
-    for node in api.values():
-        for k in SIZE_INPUTS:
-            v = node["inputs"].get(k)
-            if isinstance(v, int) and not isinstance(v, bool) and v > minimum:
-                node["inputs"][k] = max(minimum, (v // factor) // 8 * 8)
-    return api
 
 
 def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = None, tiny: bool = True,

@@ -73,11 +73,24 @@ def _predictor(prediction_type: str) -> Callable[[Path], None]:
     return build
 
 
+def _lpips_backbone(fname: str, factory: str) -> Callable[[Path], None]:
+    """A torchvision backbone file (random weights, the ``features.*`` keys LPIPS reads) under its real name."""
+    def build(root: Path) -> None:
+        import torch
+        import torchvision
+
+        torch.manual_seed(0)
+        feats = getattr(torchvision.models, factory)(weights=None).features
+        torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, str(root / fname))
+    return build
+
+
 # models/<folder>/<name>: named as the shipped workflows name the real models, so the workflows run
 # unchanged on the tiny stand-ins (which are random: they prove the path, not the pictures).
 BUILDERS: dict[str, dict[str, Callable[[Path], None]]] = {
     "diffusers": {"stable-diffusion-v1-5": _sd_folder},
     "diff2in1": {"diff2in1-depth-head": _diff2in1_head},
+    "lpips": {"torchvision": _lpips_backbone("vgg16-397923af.pth", "vgg16")},
     "jointnet": {"rgbd_finetune_sd21b": _jointnet(False), "rgbd_inpaint_sd21b": _jointnet(True)},
     "jointdiffusion_predictors": {"marigold-e2e-ft-depth": _predictor("v_prediction"),
                                   "marigold-e2e-ft-normals": _predictor("v_prediction")},

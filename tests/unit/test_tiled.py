@@ -402,3 +402,42 @@ def test_tiled_drives_a_jointnet_with_8_channel_latents():
     ref = ddim_sample(den, x, ts, cond)
     whole = tiled_sample(den, x, ts, cond, TiledConfig(window=(4, 12), stride=2))
     assert torch.allclose(whole, ref, atol=1e-5)
+
+
+class _InplaceDenoiser:
+    """Wraps a denoiser and, like ComfyUI's 2024 transformer blocks, adds in place to a saved activation."""
+
+    def __init__(self, inner):
+        self.inner, self.prediction_type, self.alphas_cumprod = inner, inner.prediction_type, inner.alphas_cumprod
+
+    def __call__(self, x, t, cond):
+        h = x * 1.0
+        y = torch.nn.functional.layer_norm(h, h.shape[1:])  # saves h for backward
+        h += 0.0 * y                                         # then modifies it in place
+        return self.inner(h, t, cond)
+
+
+def test_sync_step_falls_back_when_the_model_modifies_activations_in_place():
+    from jointcore.tiled import sync_view_update
+
+    den, vae, cond, decode, perc = _tiny_setup()
+    bad = _InplaceDenoiser(den)
+    x = torch.randn(1, 4, 4, 4)
+    t = torch.tensor([500])
+    anchor = torch.rand(1, 3, 32, 32) * 2 - 1
+    with pytest.raises(RuntimeError, match="inplace"):  # the exact gradient cannot pass through it
+        xv = x.clone().requires_grad_(True)
+        out = bad(xv, t, cond)
+        torch.autograd.grad(perc(decode(P.to_x0(out, xv, t, AB, "epsilon")).clamp(-1, 1), anchor).sum(), xv)
+    after = sync_view_update(bad, x, t, cond, anchor, decode, perc, weight=5.0)
+    # expected: ε̂ held constant, x0(x) = (x - s ε̂)/a, gradient through decoder + LPIPS only
+    with torch.no_grad():
+        eps = P.to_eps(den(x, t, cond), x, t, AB, "epsilon")
+    a, s = AB[500].sqrt().float(), (1 - AB[500]).sqrt().float()
+    xv = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(perc(decode((xv - s * eps) / a).clamp(-1, 1), anchor).sum(), xv)
+    assert g.abs().max() > 0
+    torch.testing.assert_close(after, x - 5.0 * g, rtol=1e-4, atol=1e-5)
+    # a model without in-place updates still gets the exact gradient (differs from the approximation)
+    exact = sync_view_update(den, x, t, cond, anchor, decode, perc, weight=5.0)
+    assert not torch.allclose(exact, after, atol=1e-7)
