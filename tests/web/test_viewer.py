@@ -35,6 +35,9 @@ CHROMIUM = os.environ.get("JD_CHROMIUM", "/usr/bin/chromium")  # JD_CHROMIUM: an
 REPO = Path(__file__).resolve().parents[2]
 WEB = REPO / "web"
 
+if os.environ.get("JD_REQUIRE_CHROMIUM") == "1" and not os.path.exists(CHROMIUM):  # CI: never skip silently
+    raise RuntimeError(f"JD_REQUIRE_CHROMIUM=1 but {CHROMIUM} is missing (apt-get install chromium)")
+
 needs_chromium = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
     reason=f"{CHROMIUM} not found: the panorama viewer test needs headless Chromium (apt-get install chromium)")
