@@ -1,13 +1,11 @@
 """The JointNet ComfyUI nodes with stand-ins for folder_paths / comfy (the real server is the integration tier)."""
-import importlib
 import os
-import sys
-import types
 
 import pytest
 import torch
 
 from jointcore.jointnet import JointNet
+from comfy_stubs import load_node_module
 from tiny import tiny_unet, tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,42 +28,15 @@ class FakeVAE:
 
 @pytest.fixture
 def mod(tmp_path, monkeypatch):
-    models = tmp_path / "models"
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(models)
-    fp.folder_names_and_paths = {}
-
-    def add_model_folder_path(name, path):
-        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
-    fp.add_model_folder_path = add_model_folder_path
-    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0]
-    comfy = types.ModuleType("comfy")
-    mm = types.ModuleType("comfy.model_management")
-    mm.throw_exception_if_processing_interrupted = lambda: None
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.unet_offload_device = lambda: torch.device("cpu")
-    cu = types.ModuleType("comfy.utils")
-    calls = []
-    cu.ProgressBar = lambda total: types.SimpleNamespace(update=lambda n: calls.append(total))
-    comfy.model_management, comfy.utils = mm, cu
-    for k, v in {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": cu}.items():
-        monkeypatch.setitem(sys.modules, k, v)
-    pkg = types.ModuleType("jdpack_jntest")
-    pkg.__path__ = [ROOT]
-    monkeypatch.setitem(sys.modules, "jdpack_jntest", pkg)
-    nodes_pkg = types.ModuleType("jdpack_jntest.nodes")
-    nodes_pkg.__path__ = [os.path.join(ROOT, "nodes")]
-    monkeypatch.setitem(sys.modules, "jdpack_jntest.nodes", nodes_pkg)
-    for k in [k for k in sys.modules if k.startswith("jdpack_jntest.") and k != "jdpack_jntest.nodes"]:
-        monkeypatch.delitem(sys.modules, k)
-    m = importlib.import_module("jdpack_jntest.nodes.jointnet")
+    m, stubs = load_node_module(monkeypatch, tmp_path, "jointnet")
+    models = stubs.models
     jn = JointNet.from_unet(tiny_unet())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in jn.exchange_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     jn.save_pretrained(models / "jointnet" / "tiny")
-    m._calls = calls
+    m._calls = stubs.bar_totals
     return m
 
 
@@ -75,7 +46,7 @@ def _cond(width=32, L=4, seed=0):
 
 def test_nodes_generate_encode_inpaint_decode(mod):
     assert set(mod.NODE_CLASS_MAPPINGS) == {"JDJointNetLoader", "JDJointEmptyLatent", "JDJointEncode",
-                                            "JDJointDecode", "JDJointKSampler"}
+                                            "JDJointDecode", "JDJointKSampler", "JDJointPanoramaSampler"}
     assert "tiny" in mod.JDJointNetLoader.INPUT_TYPES()["required"]["jointnet"][0]
     (bundle,) = mod.JDJointNetLoader().load("tiny", "auto", "epsilon")
     (empty,) = mod.JDJointEmptyLatent().make(64, 64, 2)
@@ -124,3 +95,34 @@ def test_node_errors_are_clear(mod):
         mod.JDJointEncode().encode(FakeVAE())
     with pytest.raises(ValueError, match="none|models/jointnet"):
         mod.JDJointNetLoader().load("(none found)", "auto", "epsilon")
+
+
+def test_panorama_node_equals_jointcore_tiled_sample(mod, tmp_path):
+    """The RGBD panorama node is the jointcore tiled loop on the JointNet denoiser (same seed → same latent),
+    refines with denoise < 1, and refuses the mask-conditioned model."""
+    import importlib
+    pkg = mod.__name__.split(".")[0] + ".jointcore"  # the node's own copy of jointcore (same classes)
+    JS, S, T = (importlib.import_module(f"{pkg}.{m}") for m in ("joint_sampling", "schedules", "tiled"))
+    TextConditioning, TiledConfig, tiled_sample = mod.TextConditioning, T.TiledConfig, T.tiled_sample
+
+    (bundle,) = mod.JDJointNetLoader().load("tiny", "auto", "epsilon")
+    (empty,) = mod.JDJointEmptyLatent().make(192, 64, 1)
+    pos, neg = _cond(), _cond(seed=1)
+    node = mod.JDJointPanoramaSampler()
+    n0 = len(mod._calls)
+    (pano,) = node.sample(bundle, pos, neg, empty, "multidiffusion", 5, 3, 4.0, 64, 32, False, 2, 1.0)
+    assert pano["samples"].shape == (1, 8, 8, 24) and len(mod._calls) - n0 == 3
+    den = bundle.denoiser()
+    ts = S.ddim_timesteps(3, "leading", steps_offset=1).tolist()
+    ref = tiled_sample(den, JS.make_noise((1, 8, 8, 24), seed=5), ts, TextConditioning(pos[0][0], neg[0][0], 4.0),
+                       TiledConfig.multidiffusion(window=8, stride=4, view_batch=2),
+                       final_alpha_cumprod=float(den.alphas_cumprod[0]))
+    torch.testing.assert_close(pano["samples"], ref / 0.18215, rtol=1e-4, atol=1e-4)
+    (refined,) = node.sample(bundle, pos, neg, pano, "jointnet", 5, 10, 4.0, 64, 0, True, 2, 0.4)
+    assert len(mod._calls) - n0 == 3 + 4  # 40 % of 10 steps
+    assert 0 < (refined["samples"] - pano["samples"]).abs().mean() < (pano["samples"] - empty["samples"]).abs().mean()
+    jn = JointNet.from_unet(tiny_unet(), has_masked_latent_input=True)
+    jn.save_pretrained(tmp_path / "models" / "jointnet" / "tiny_inpaint")
+    (inpaint,) = mod.JDJointNetLoader().load("tiny_inpaint", "auto", "epsilon")
+    with pytest.raises(ValueError, match="joint-generation model"):
+        node.sample(inpaint, pos, neg, empty, "jointnet", 5, 3, 4.0, 64, 0, False, 2, 1.0)

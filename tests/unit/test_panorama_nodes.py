@@ -1,7 +1,5 @@
 """The panorama ComfyUI nodes with stand-ins for folder_paths / comfy (the real server is the integration tier)."""
-import importlib
 import os
-import sys
 import types
 
 import pytest
@@ -11,6 +9,7 @@ from jointcore import prediction as P
 from jointcore.denoiser import DiffusersUNetDenoiser, TextConditioning
 from jointcore.schedules import alphas_cumprod, ddim_timesteps
 from jointcore.tiled import TiledConfig, tiled_decode, tiled_sample
+from comfy_stubs import load_node_module
 from tiny import tiny_unet, tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,38 +61,9 @@ class FakeK:
 
 @pytest.fixture
 def mod(tmp_path, monkeypatch):
-    models = tmp_path / "models"
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(models)
-    fp.folder_names_and_paths = {}
-
-    def add_model_folder_path(name, path):
-        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
-    fp.add_model_folder_path = add_model_folder_path
-    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0]
-    comfy = types.ModuleType("comfy")
-    mm = types.ModuleType("comfy.model_management")
-    mm.throw_exception_if_processing_interrupted = lambda: None
-    mm.load_models_gpu = lambda *a, **k: None
-    cu = types.ModuleType("comfy.utils")
-    calls = []
-    cu.ProgressBar = lambda total: types.SimpleNamespace(update=lambda n: calls.append(total))
-    cs = types.ModuleType("comfy.samplers")
-    cs.KSAMPLER = lambda fn, extra_options={}: types.SimpleNamespace(fn=fn, options=extra_options)
-    comfy.model_management, comfy.utils, comfy.samplers = mm, cu, cs
-    for k, v in {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": cu,
-                 "comfy.samplers": cs}.items():
-        monkeypatch.setitem(sys.modules, k, v)
-    pkg = types.ModuleType("jdpack_panotest")
-    pkg.__path__ = [ROOT]
-    monkeypatch.setitem(sys.modules, "jdpack_panotest", pkg)
-    nodes_pkg = types.ModuleType("jdpack_panotest.nodes")
-    nodes_pkg.__path__ = [os.path.join(ROOT, "nodes")]
-    monkeypatch.setitem(sys.modules, "jdpack_panotest.nodes", nodes_pkg)
-    for k in [k for k in sys.modules if k.startswith("jdpack_panotest.") and k != "jdpack_panotest.nodes"]:
-        monkeypatch.delitem(sys.modules, k)
-    m = importlib.import_module("jdpack_panotest.nodes.panorama")
-    m._calls = calls
+    m, stubs = load_node_module(monkeypatch, tmp_path, "panorama")
+    models = stubs.models
+    m._calls = stubs.bar_totals
     m._models = models
     return m
 

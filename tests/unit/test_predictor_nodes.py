@@ -1,73 +1,24 @@
 """nodes/predictor.py against stub comfy / folder_paths modules (no ComfyUI needed), plus the vis helpers."""
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import types
 import zlib
 
 import numpy as np
 import pytest
 import torch
 
+from comfy_stubs import Interrupted, load_node_module
 from jointcore import predictor_vis as V
 from predictor_ckpt import make_checkpoint, synthetic_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _Interrupted(Exception):
-    pass
-
-
 @pytest.fixture
 def comfy_stubs(tmp_path, monkeypatch):
-    state = {"interrupt_after": None, "checks": 0, "bar_updates": 0}
-    mm = types.ModuleType("comfy.model_management")
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.unet_offload_device = lambda: torch.device("cpu")
-    mm.soft_empty_cache = lambda *a, **k: None
-    mm.should_use_fp16 = lambda *a, **k: False
-
-    def interrupted():
-        state["checks"] += 1
-        if state["interrupt_after"] is not None and state["checks"] > state["interrupt_after"]:
-            raise _Interrupted()
-    mm.throw_exception_if_processing_interrupted = interrupted
-    utils = types.ModuleType("comfy.utils")
-
-    class ProgressBar:
-        def __init__(self, total, node_id=None):
-            self.total = total
-
-        def update(self, n):
-            state["bar_updates"] += n
-    utils.ProgressBar = ProgressBar
-    comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.utils = mm, utils
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(tmp_path / "models")
-    fp.folder_names_and_paths = {}
-    fp.get_output_directory = lambda: str(tmp_path / "output")
-
-    def add_model_folder_path(name, path, is_default=False):
-        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
-    fp.add_model_folder_path = add_model_folder_path
-    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0]
-    for k, v in {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "folder_paths": fp}.items():
-        monkeypatch.setitem(sys.modules, k, v)
-    # the pack as a package without running its __init__ (which would import every capability)
-    for name, path in (("jdpack_t", ROOT), ("jdpack_t.nodes", os.path.join(ROOT, "nodes"))):
-        m = types.ModuleType(name)
-        m.__path__ = [path]
-        monkeypatch.setitem(sys.modules, name, m)
-    for k in [k for k in sys.modules if k.startswith("jdpack_t.") and k != "jdpack_t.nodes"]:
-        monkeypatch.delitem(sys.modules, k)
-    mod = importlib.import_module("jdpack_t.nodes.predictor")
-    yield mod, state, tmp_path
-    for k in [k for k in sys.modules if k.startswith("jdpack_t")]:
-        sys.modules.pop(k, None)
+    mod, stubs = load_node_module(monkeypatch, tmp_path, "predictor")
+    yield mod, stubs, tmp_path
 
 
 def test_nodes_end_to_end(comfy_stubs):
@@ -86,16 +37,16 @@ def test_nodes_end_to_end(comfy_stubs):
     assert image.shape == (2, 37, 29, 3) and torch.equal(image[..., 0], image[..., 2])
     assert raw["task"] == "depth" and raw["data"].shape == (2, 1, 37, 29)
     torch.testing.assert_close(image[..., 0], raw["data"][:, 0])
-    assert state["bar_updates"] == 4  # steps × ensemble
+    assert state.bar_updates == 4  # steps × ensemble
     nimg, nraw = node.predict(pred, img, "normals", 0, 1, 1, 0, "trailing", "per_image")
     torch.testing.assert_close(nraw["data"].norm(dim=1), torch.ones(2, 37, 29), atol=1e-3, rtol=0)  # n/(|n|+1e-5)
     torch.testing.assert_close(nimg, ((nraw["data"] + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1))
 
     # interruption from ComfyUI stops the run
-    state["interrupt_after"] = state["checks"] + 2
-    with pytest.raises(_Interrupted):
+    state.interrupt_after = state.checks + 2
+    with pytest.raises(Interrupted):
         node.predict(pred, img, "depth", 0, 5, 1, 0, "trailing", "per_image")
-    state["interrupt_after"] = None
+    state.interrupt_after = None
 
     (col,) = mod.JDDepthColorize().colorize(image, "viridis", False)
     (inv,) = mod.JDDepthColorize().colorize(image, "grey", True)
