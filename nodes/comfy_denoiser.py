@@ -83,12 +83,14 @@ class ComfyRun:
         return float(self.alphas_cumprod[t]) ** 0.5 if t >= 0 else 1.0
 
     def callback(self, i: int, n: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
-        """jointcore step callback → ComfyUI's (previews, progress bar); raises when the user cancels."""
+        """jointcore step callback → ComfyUI's (previews, progress bar); raises when the user cancels.
+        ``x0`` may be None (samplers without a clean estimate): the preview then shows the current latent."""
         import comfy.model_management as mm
 
         mm.throw_exception_if_processing_interrupted()
         if self._callback is not None:
-            self._callback({"i": i, "denoised": x0, "x": x_t / self.scale(self.prev[i]), "sigma": self.sigmas[i],
+            x = x_t / self.scale(self.prev[i])
+            self._callback({"i": i, "denoised": x if x0 is None else x0, "x": x, "sigma": self.sigmas[i],
                             "sigma_hat": self.sigmas[i]})
 
     def finish(self, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

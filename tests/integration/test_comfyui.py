@@ -76,7 +76,7 @@ def test_workflow_runs(server, wf):
 
 
 def test_broken_workflow_is_rejected(server):
-    ui = json.loads(WORKFLOWS[0].read_text())
+    ui = json.loads((ROOT / "workflows" / "trailing_ddim_txt2img.json").read_text())
     bad = json.loads(json.dumps(ui))
     bad["nodes"][0]["type"] = "NoSuchNodeType"
     with pytest.raises(ValueError, match="NoSuchNodeType"):
