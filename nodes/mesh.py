@@ -7,12 +7,25 @@ is what core ``Preview3D``'s ``model_file`` expects.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import folder_paths
+import torch
 
 from ..jointcore import mesh as jm
 from .common import CATEGORY, image_to_bchw, progress
+
+
+def rgbd_pairs(image, depth) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """IMAGE + depth IMAGE → ``[B,3,H,W]``, ``[B',H',W']`` (channel mean) and the batch size (1 broadcasts)."""
+    img = image_to_bchw(image)
+    dep = image_to_bchw(depth).mean(1)
+    B = max(img.shape[0], dep.shape[0])
+    if img.shape[0] not in (1, B) or dep.shape[0] not in (1, B):
+        raise ValueError(f"image batch {img.shape[0]} and depth batch {dep.shape[0]} differ: give equal "
+                         "batches or a batch of 1 on one side")
+    return img, dep, B
 
 
 def _free_counter(folder: str, filename: str, counter: int, ext: str, companions: tuple = ()) -> int:
@@ -74,12 +87,7 @@ class JDRGBDToMesh:
     def export(self, image, depth, projection, fov_deg, horizontal_span_deg, depth_kind, near, far,
                discontinuity_threshold, downsample, format, filename_prefix, color="vertex", normals=True,
                max_memory_gb=4.0):
-        img = image_to_bchw(image)                      # [B,3,H,W]
-        dep = image_to_bchw(depth).mean(1)              # [B',H',W'] channel mean
-        B = max(img.shape[0], dep.shape[0])
-        if img.shape[0] not in (1, B) or dep.shape[0] not in (1, B):
-            raise ValueError(f"image batch {img.shape[0]} and depth batch {dep.shape[0]} differ: give equal "
-                             "batches or a batch of 1 on one side")
+        img, dep, B = rgbd_pairs(image, depth)
         H, W = img.shape[-2:]
         out_dir = folder_paths.get_output_directory()
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir, W, H)
@@ -108,5 +116,68 @@ class JDRGBDToMesh:
         return {"ui": {"3d": results}, "result": (rel_paths[0], "\n".join(abs_paths))}
 
 
+def core_mesh_class():
+    """ComfyUI's core MESH class (``vertices [B,N,3]``, ``faces [B,F,3]``, read by SaveGLB) or None on
+    versions without one (before late 2025)."""
+    for name in ("comfy_api.latest._util.geometry_types", "comfy_extras.nodes_hunyuan3d"):
+        try:
+            cls = getattr(importlib.import_module(name), "MESH", None)
+        except Exception:  # noqa: BLE001 - absent or unimportable on this ComfyUI
+            cls = None
+        if cls is not None:
+            return cls
+    return None
+
+
+def stack_meshes(meshes: list, mesh_cls):
+    """Batch meshes of different sizes into one core MESH: vertices padded with zeros, faces with the
+    degenerate triangle (0, 0, 0) (no area, so viewers and SaveGLB draw nothing extra)."""
+    n = max(m.vertices.shape[0] for m in meshes)
+    f = max(m.faces.shape[0] for m in meshes)
+    v = torch.zeros(len(meshes), n, 3)
+    faces = torch.zeros(len(meshes), f, 3, dtype=torch.int64)
+    for i, m in enumerate(meshes):
+        v[i, :m.vertices.shape[0]] = m.vertices
+        faces[i, :m.faces.shape[0]] = m.faces
+    return mesh_cls(v, faces)
+
+
+class JDRGBDToComfyMesh:
+    """The same triangulation as RGBD to Mesh, returned as ComfyUI's core MESH (for SaveGLB / 3D nodes)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = JDRGBDToMesh.INPUT_TYPES()["required"]
+        keep = ("image", "depth", "projection", "fov_deg", "horizontal_span_deg", "depth_kind", "near", "far",
+                "discontinuity_threshold", "downsample")
+        return {"required": {k: req[k] for k in keep},
+                "optional": {"max_memory_gb": JDRGBDToMesh.INPUT_TYPES()["optional"]["max_memory_gb"]}}
+
+    RETURN_TYPES = ("MESH",)
+    RETURN_NAMES = ("mesh",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY + "/mesh"
+    DESCRIPTION = ("RGBD → ComfyUI MESH (geometry only: the core type has no colours; use RGBD to Mesh for "
+                   "coloured GLB/PLY/OBJ files). Batches of different sizes are padded with degenerate faces.")
+
+    def build(self, image, depth, projection, fov_deg, horizontal_span_deg, depth_kind, near, far,
+              discontinuity_threshold, downsample, max_memory_gb=4.0):
+        mesh_cls = core_mesh_class()
+        if mesh_cls is None:
+            raise RuntimeError("this ComfyUI has no core MESH type; use 'RGBD to Mesh' to write files instead")
+        img, dep, B = rgbd_pairs(image, depth)
+        meshes = [jm.rgbd_to_mesh(img[i if img.shape[0] > 1 else 0], dep[i if dep.shape[0] > 1 else 0],
+                                  projection=projection, fov_deg=fov_deg, horizontal_span_deg=horizontal_span_deg,
+                                  depth_kind=depth_kind, near=near, far=far,
+                                  discontinuity_threshold=discontinuity_threshold, downsample=downsample,
+                                  max_bytes=int(max_memory_gb * 2**30))[0] for i in range(B)]
+        return (stack_meshes(meshes, mesh_cls),)
+
+
 NODE_CLASS_MAPPINGS = {"JDRGBDToMesh": JDRGBDToMesh}
 NODE_DISPLAY_NAME_MAPPINGS = {"JDRGBDToMesh": "RGBD to Mesh (GLB/PLY/OBJ)"}
+# offered only where the running ComfyUI has a core MESH type (feature detection, no V3 API needed)
+OPTIONAL_NODES = {"JDRGBDToComfyMesh": JDRGBDToComfyMesh}
+if core_mesh_class() is not None:
+    NODE_CLASS_MAPPINGS["JDRGBDToComfyMesh"] = JDRGBDToComfyMesh
+    NODE_DISPLAY_NAME_MAPPINGS["JDRGBDToComfyMesh"] = "RGBD to MESH (core type)"

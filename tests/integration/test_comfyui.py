@@ -196,3 +196,27 @@ def _allowed_model_folders() -> set[str]:
         names |= set(re.findall(r'register_model_folder\(\s*"([^"]+)"', f.read_text()))
         names |= set(re.findall(r'^[A-Z_]*FOLDER\s*=\s*"([^"]+)"', f.read_text(), re.M))
     return names
+
+
+def test_core_mesh_output_where_comfyui_has_one(server):
+    """Where ComfyUI has a core MESH type (SaveGLB), the pack offers RGBD → MESH and SaveGLB writes it."""
+    if "SaveGLB" not in server.object_info:
+        assert "JDRGBDToComfyMesh" not in server.object_info
+        pytest.skip("this ComfyUI has no core MESH type / SaveGLB (added in 2025); the file exporter is tested")
+    assert "JDRGBDToComfyMesh" in server.object_info
+    import trimesh
+
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": H.EXAMPLE_IMAGE}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 32,
+                                                     "height": 24, "crop": "disabled"}},
+        "3": {"class_type": "JDRGBDToComfyMesh",
+              "inputs": {"image": ["2", 0], "depth": ["2", 0], "projection": "perspective", "fov_deg": 60.0,
+                         "horizontal_span_deg": 180.0, "depth_kind": "depth", "near": 1.0, "far": 3.0,
+                         "discontinuity_threshold": 0.0, "downsample": 1}},
+        "4": {"class_type": "SaveGLB", "inputs": {"mesh": ["3", 0], "filename_prefix": "jd_test/core_mesh"}},
+    }
+    files = [f for f in server.output_files(server.run_prompt(prompt)) if f.suffix == ".glb"]
+    assert len(files) == 1
+    m = trimesh.load(files[0], force="mesh")
+    assert len(m.vertices) == 32 * 24 and len(m.faces) == 2 * 31 * 23

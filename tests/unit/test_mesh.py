@@ -463,3 +463,20 @@ def test_vertex_normals_face_the_camera():
     # a vertex without faces gets a defined unit normal, not NaN
     n = M.vertex_normals(torch.rand(4, 3), torch.tensor([[0, 1, 2]]))
     assert torch.isfinite(n).all() and n[3].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_core_mesh_batch_is_padded_with_degenerate_faces(node_module):
+    mod, _ = node_module
+    small = M.rgbd_to_mesh(torch.rand(3, 4, 4), torch.ones(4, 4) * 2, depth_kind="depth")[0]
+    big = M.rgbd_to_mesh(torch.rand(3, 6, 6), torch.ones(6, 6) * 2, depth_kind="depth")[0]
+
+    class Mesh:  # ComfyUI's core MESH: vertices [B,N,3], faces [B,F,3]
+        def __init__(self, vertices, faces):
+            self.vertices, self.faces = vertices, faces
+
+    out = mod.stack_meshes([small, big], Mesh)
+    assert out.vertices.shape == (2, 36, 3) and out.faces.shape == (2, 50, 3)
+    torch.testing.assert_close(out.vertices[0, :16], small.vertices)
+    assert torch.equal(out.faces[0, :18], small.faces) and torch.equal(out.faces[0, 18:], torch.zeros(32, 3).long())
+    assert mod.core_mesh_class() is None  # the stand-in ComfyUI has none, so the node is not registered
+    assert "JDRGBDToComfyMesh" not in mod.NODE_CLASS_MAPPINGS
