@@ -220,3 +220,35 @@ def test_core_mesh_output_where_comfyui_has_one(server):
     assert len(files) == 1
     m = trimesh.load(files[0], force="mesh")
     assert len(m.vertices) == 32 * 24 and len(m.faces) == 2 * 31 * 23
+
+
+@pytest.mark.parametrize("wf,node,steps_key", [
+    ("jointnet_text_to_rgbd", "JDJointKSampler", "steps"),
+    ("trailing_ddim_txt2img", "JDTrailingDDIMSigmas", "steps"),
+])
+def test_long_sampling_is_interruptible(server, wf, node, steps_key):
+    """Cancel (POST /interrupt) stops the pack's sampling loops mid-way."""
+    import time
+    import uuid
+
+    api = H.shrink_for_tiny(H.ui_to_api(ROOT / "workflows" / f"{wf}.json", server.object_info))
+    k = next(i for i, v in api.items() if v["class_type"] == node)
+    api[k]["inputs"][steps_key] = 1000
+    for v in api.values():  # a fresh seed so ComfyUI's cache cannot answer
+        for s in ("seed", "noise_seed"):
+            if s in v["inputs"]:
+                v["inputs"][s] = uuid.uuid4().int % 2**31
+    pid = server.post("/prompt", {"prompt": api, "client_id": str(uuid.uuid4())})["prompt_id"]
+    t0 = time.time()
+    while not server.get("/queue")["queue_running"] and time.time() - t0 < 60:
+        time.sleep(0.1)
+    time.sleep(2.0)  # let the sampler get going
+    server.post("/interrupt", {})
+    while time.time() - t0 < 300:
+        h = server.get(f"/history/{pid}")
+        if pid in h and (h[pid].get("status", {}).get("completed") is not None or h[pid].get("status")):
+            break
+        time.sleep(0.25)
+    st = h[pid]["status"]
+    assert st.get("status_str") == "error", st
+    assert any(m[0] == "execution_interrupted" for m in st.get("messages", [])), st
