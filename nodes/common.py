@@ -55,12 +55,11 @@ def register_model_folder(name: str, extensions: Optional[set] = None) -> str:
 
     d = os.path.join(folder_paths.models_dir, name)
     os.makedirs(d, exist_ok=True)
-    if name not in folder_paths.folder_names_and_paths or d not in folder_paths.folder_names_and_paths[name][0]:
-        folder_paths.add_model_folder_path(name, d) if hasattr(folder_paths, "add_model_folder_path") else None
-    if name not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[name] = ([d], set())
-    paths, exts = folder_paths.folder_names_and_paths[name]
-    folder_paths.folder_names_and_paths[name] = (paths, set(extensions) if extensions is not None else exts)
+    if d not in folder_paths.folder_names_and_paths.get(name, ([], set()))[0]:
+        folder_paths.add_model_folder_path(name, d)  # keeps paths added by extra_model_paths.yaml
+    if extensions is not None:
+        paths, _ = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
     return d
 
 
