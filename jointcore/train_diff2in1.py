@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import diff2in1 as D
+from ._deps import require
 
 
 def load_sd_components(model_dir: str):
@@ -53,6 +54,18 @@ def load_sd_components(model_dir: str):
     return unet, vae, tok, te, ab, pred
 
 
+
+def _frozen_backbone(a):
+    """Accelerator + the frozen SD components on its device, the empty-prompt embedding and the feature
+    extractor (shared by the warm-up and self-improving commands)."""
+    acc = require("accelerate", "Diff-2-in-1 training").Accelerator(cpu=a.cpu)
+    torch.manual_seed(a.seed)
+    unet, vae, tok, te, ab, _pred = load_sd_components(a.model)
+    dev = acc.device
+    unet.to(dev), vae.to(dev), te.to(dev)
+    empty = D.encode_prompts(tok, te, [""])
+    return acc, unet, vae, tok, te, ab, dev, empty, D.UNetFeatureExtractor(unet, ab)
+
 def _prepared_items(folder: str, task: str, resolution: int, require_labels: bool = True):
     items = D.load_pair_folder(folder, task, require_labels=require_labels)
     for it in items:
@@ -80,14 +93,7 @@ def cmd_warmup(a) -> dict:
     items = _prepared_items(a.data, a.task, a.resolution)
     if a.task == "segmentation":
         _check_seg_labels(items, a.num_classes)
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=a.cpu)
-    torch.manual_seed(a.seed)
-    unet, vae, tok, te, ab, _pred = load_sd_components(a.model)
-    dev = acc.device
-    unet.to(dev), vae.to(dev), te.to(dev)
-    empty = D.encode_prompts(tok, te, [""])
-    ex = D.UNetFeatureExtractor(unet, ab)
+    acc, unet, vae, tok, te, ab, dev, empty, ex = _frozen_backbone(a)
     lat = a.resolution // 8
     chans = ex.channels((lat, lat), vae.config.latent_channels, empty.shape[-1])
     head = D.TaskHead(D.HeadConfig(a.task, chans, a.num_classes if a.task == "segmentation" else None, a.width,
@@ -159,14 +165,7 @@ def cmd_self_improve(a) -> dict:
     if task == "segmentation":
         _check_seg_labels(real, warm.config.num_classes)
     syn_imgs = [D.resize_pair(c.image, None, a.resolution, task)[0] for c in created]
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=a.cpu)
-    torch.manual_seed(a.seed)
-    unet, vae, tok, te, ab, _pred = load_sd_components(a.model)
-    dev = acc.device
-    unet.to(dev), vae.to(dev), te.to(dev)
-    empty = D.encode_prompts(tok, te, [""])
-    ex = D.UNetFeatureExtractor(unet, ab)
+    acc, unet, vae, tok, te, ab, dev, empty, ex = _frozen_backbone(a)
     imp = D.SelfImprover(warm.to(dev), a.alpha, a.ema_every)
     opt = torch.optim.AdamW(imp.exploiter.parameters(), lr=a.lr)
     exploiter, opt = acc.prepare(imp.exploiter, opt)

@@ -210,22 +210,29 @@ def _same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a.repeat(1, n // la, 1), b.repeat(1, n // lb, 1)
 
 
+def _model_inputs(latent_tooltip: str) -> dict:
+    return {"jointnet": ("JD_JOINTNET",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+            "joint_latent": ("LATENT", {"tooltip": latent_tooltip})}
+
+
+_SEED_STEPS_CFG = {
+    "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+    "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+    "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+}
+
+
 class JDJointKSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "jointnet": ("JD_JOINTNET",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "joint_latent": ("LATENT", {"tooltip": "from JD Joint Empty Latent or JD Joint Encode"}),
+            **_model_inputs("from JD Joint Empty Latent or JD Joint Encode"),
             "task": (TASKS, {"default": "joint_generation",
                              "tooltip": "joint_generation: both generated; image_to_depth: keep the image; "
                                         "depth_to_image: keep the depth; refine_depth: SDEdit the given depth "
                                         "(keeps the image); masks_only: only the masks below (or the latent's "
                                         "noise_mask for both) decide what is kept"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+            **_SEED_STEPS_CFG,
             "sampler": (list(JS.SOLVERS), {"default": "ddim"}),
             "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "DDIM only"}),
             "denoise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -294,17 +301,12 @@ class JDJointPanoramaSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "jointnet": ("JD_JOINTNET",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "joint_latent": ("LATENT", {"tooltip": "a wide JD Joint Empty Latent (e.g. 2048×512), or JD Joint Encode "
-                                                   "of an upsampled panorama for refinement"}),
+            **_model_inputs("a wide JD Joint Empty Latent (e.g. 2048×512), or JD Joint Encode of an upsampled "
+                            "panorama for refinement"),
             "method": (["jointnet", "multidiffusion"], {"default": "jointnet",
                        "tooltip": "jointnet: whole-image tile (weight 5) for the first 40% of steps, random "
                                   "offsets, linear boundary weights; multidiffusion: plain averaging"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+            **_SEED_STEPS_CFG,
             "window": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
             "stride": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "0 = the method's default"}),
             "circular": ("BOOLEAN", {"default": False, "tooltip": "wrap around in x (360° panoramas)"}),
