@@ -396,7 +396,9 @@ def thumbnail(path: Path, spec: dict) -> None:
     d = ImageDraw.Draw(img)
     d.rectangle([0, 0, 511, 6], fill=(90, 160, 255))
     y = 22
-    for line in textwrap.wrap(spec["title"], 44):
+    title = spec["title"].translate(str.maketrans({"×": "x", "→": "->", "°": " deg", "—": "-", "–": "-",
+                                                   "θ": "theta", "ε": "eps"}))
+    for line in textwrap.wrap(title, 44):
         d.text((20, y), line, fill=(240, 240, 240))
         y += 16
     y += 10
