@@ -82,14 +82,15 @@ def ddim_timesteps(
 ) -> torch.Tensor:
     """Descending integer timesteps (int64, shape ``[n]``) for a DDIM run of ``n`` steps.
 
-    ``steps_offset`` only applies to ``leading`` spacing, as in diffusers.
+    ``steps_offset`` only applies to ``leading`` spacing, as in diffusers (clipped to ``T-1``).
     """
     n, T = int(num_inference_steps), int(num_train_timesteps)
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be between 1 and {T}, got {n}")
     if spacing == "leading":
         ratio = T // n
-        ts = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + int(steps_offset)
+        # + steps_offset, kept inside the table (diffusers would index t = T for n close to T)
+        ts = np.minimum((np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + int(steps_offset), T - 1)
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
     elif spacing == "trailing":

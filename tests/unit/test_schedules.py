@@ -34,6 +34,12 @@ def test_alphas_cumprod_match_diffusers(schedule, zsnr):
         assert ours[-1] == 0
 
 
+def test_leading_with_offset_stays_inside_the_table():
+    for n in (500, 999, 1000):
+        ts = S.ddim_timesteps(n, "leading", steps_offset=1)
+        assert int(ts.max()) <= 999 and len(ts) == n
+
+
 def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="num_inference_steps"):
         S.ddim_timesteps(0)
