@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
+
+from _timing import median_time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,19 +45,6 @@ def build(sd: bool):
     return unet, vae, 64
 
 
-def med(fn, reps, device):
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sd", action="store_true")
@@ -83,8 +70,8 @@ def main():
         plain()
         perc = lambda: head(ex(z, emb), (a.res, a.res))  # noqa: E731
         perc()
-        tp = med(plain, a.reps, dev)
-        tperc = med(perc, a.reps, dev)
+        tp = median_time(plain, a.reps, dev)
+        tperc = median_time(perc, a.reps, dev)
     ex.remove()
 
     den = DiffusersUNetDenoiser(unet, ab, "epsilon")
@@ -93,13 +80,13 @@ def main():
     fa = MT.ForwardAggregation(ab, [0.01])
     e = [torch.randn_like(z)]
     with torch.no_grad():
-        t_ddim = med(lambda: ddim_sample(den, z, ts, cond), max(3, a.reps // 2), dev)
-        t_mt = med(lambda: MT.mt_sample(den, z, ts, cond, fa, e), max(3, a.reps // 2), dev)
+        t_ddim = median_time(lambda: ddim_sample(den, z, ts, cond), max(3, a.reps // 2), dev)
+        t_mt = median_time(lambda: MT.mt_sample(den, z, ts, cond, fa, e), max(3, a.reps // 2), dev)
 
     ex = D.UNetFeatureExtractor(unet, ab)
     img = torch.rand(1, 3, a.res, a.res, device=dev)
     with torch.no_grad():
-        t_create = med(lambda: D.create_pairs(unet, vae, head, ex, ab, img, emb, emb, T=600, steps=a.steps),
+        t_create = median_time(lambda: D.create_pairs(unet, vae, head, ex, ab, img, emb, emb, T=600, steps=a.steps),
                        max(3, a.reps // 2), dev)
     ex.remove()
 

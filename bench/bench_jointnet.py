@@ -14,9 +14,10 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
+
+from _timing import timed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,16 +57,6 @@ def flop_ratio(unet: UNet2DConditionModel, batch: int, h: int) -> tuple[float, f
     return fp.get_total_flops() / 1e9, fj.get_total_flops() / fp.get_total_flops()
 
 
-def _time(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sd", action="store_true", help="full SD 2.x UNet layout (865M params per branch)")
@@ -99,11 +90,11 @@ def main(argv=None):
             plain(), joint()
         for i in range(args.repeats):  # interleaved, alternating order
             if i % 2:
-                tj.append(_time(joint, device))
-                tp.append(_time(plain, device))
+                tj.append(timed(joint, device))
+                tp.append(timed(plain, device))
             else:
-                tp.append(_time(plain, device))
-                tj.append(_time(joint, device))
+                tp.append(timed(plain, device))
+                tj.append(timed(joint, device))
     mp, mj = statistics.median(tp), statistics.median(tj)
     bp, bj = min(tp), min(tj)  # best-of-N: least disturbed by other load on the machine
     n_unet = sum(p.numel() for p in unet.parameters())
