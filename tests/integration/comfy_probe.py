@@ -7,6 +7,8 @@ CHECK:
   sigmas    ComfyUI's ModelSamplingDiscrete vs jointcore's timestep<->sigma conversions
   globals   ComfyUI globals before/after importing the pack (must be unchanged)
   optional  import the pack with some optional dependencies blocked
+  family    a checkpoint assembled by jointcore.family.assemble (random family UNet + TAESD + the generated
+            CLIP-L) loaded by ComfyUI's own checkpoint loader: detection, UNet, CLIP and VAE vs diffusers
 """
 import importlib.abc
 import json
@@ -152,4 +154,65 @@ def optional_check():
                       "log": records}))
 
 
-{"sigmas": sigmas_check, "globals": globals_check, "optional": optional_check}[check]()
+def family_check():
+    import tempfile
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    import comfy.sd
+
+    sys.path.insert(0, REPO)
+    from jointcore.family import assemble as A
+    from jointcore.models import random_clip
+    from jointcore.training.train_t2i import unet_config
+    from jointcore.training.train_taesd import build_model
+
+    torch.manual_seed(0)
+    tmp = tempfile.mkdtemp()
+    unet = UNet2DConditionModel(**unet_config())
+    with torch.no_grad():  # random (not zero) output conv and norms so every key matters
+        for n, p in unet.named_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    vae = build_model()
+    unet.save_pretrained(os.path.join(tmp, "unet"))
+    vae.save_pretrained(os.path.join(tmp, "vae"))
+    ck = A.sd15_checkpoint(os.path.join(tmp, "unet"), os.path.join(tmp, "vae"), os.path.join(tmp, "f.safetensors"),
+                           dtype=torch.float32)
+    with torch.no_grad():  # as ComfyUI's executor runs its nodes
+        model, clip, cvae = comfy.sd.load_checkpoint_guess_config(ck, output_vae=True, output_clip=True,
+                                                                  embedding_directory=None)[:3]
+    out = {"model_config": type(model.model.model_config).__name__, "vae_class": type(cvae.first_stage_model).__name__}
+    dm = model.model.diffusion_model.float()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        a = dm(x, timesteps=t, context=c)
+        b = unet(x, t, c).sample
+    out["unet_max_abs_diff"] = float((a - b).abs().max())
+    out["unet_scale"] = float(b.abs().mean())
+    # CLIP: ComfyUI's text encoding vs transformers' CLIPTextModel with the generated weights and ComfyUI's tokenizer
+    tok = CLIPTokenizer.from_pretrained(os.path.join(os.getcwd(), "comfy", "sd1_tokenizer"))
+    te = random_clip.text_encoder()
+    prompt = "a red sphere left of a blue box in a grey room"
+    with torch.no_grad():
+        enc = clip.encode_from_tokens(clip.tokenize(prompt))
+    cond = enc[0] if isinstance(enc, tuple) else enc
+    with torch.no_grad():
+        ref = te(tok([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+    out["clip_shape"] = list(cond.shape)
+    out["clip_max_abs_diff"] = float((cond.float()[:, :77] - ref).abs().max())
+    out["clip_scale"] = float(ref.abs().mean())
+    # VAE: ComfyUI LATENT (= raw / 0.18215) decodes to what diffusers decodes from the raw latent
+    img = torch.rand(1, 32, 32, 3)
+    with torch.no_grad():
+        lat = cvae.encode(img)
+        raw = vae.encode(img.permute(0, 3, 1, 2) * 2 - 1).latents
+        dec = (vae.decode(raw).sample.clamp(-1, 1) + 1) / 2
+        cdec = cvae.decode(lat).float()
+    out["vae_latent_max_abs_diff"] = float((lat.float() * A.SD1_LATENT_SCALE - raw).abs().max())
+    out["vae_decode_max_abs_diff"] = float((cdec[0].permute(2, 0, 1) - dec[0]).abs().max())
+    print(json.dumps(out))
+
+
+{"sigmas": sigmas_check, "globals": globals_check, "optional": optional_check, "family": family_check}[check]()

@@ -170,6 +170,17 @@ def test_sigma_conversions_match_comfyui(comfy_dir):
         assert r["zsnr_rel_err_vs_comfy"] < 1e-4
 
 
+def test_family_checkpoint_loads_in_comfyui_as_sd15_and_matches_diffusers(comfy_dir):
+    """The default family's single-file checkpoint (jointcore.family.assemble) through ComfyUI's own loader:
+    detected as SD 1.5 with a TAESD VAE; its UNet, CLIP text features and VAE equal the diffusers models
+    they were assembled from (so what the family trains through diffusers is what ComfyUI runs)."""
+    r = run_probe(comfy_dir, "family")
+    assert r["model_config"] == "SD15" and r["vae_class"] == "TAESD", r
+    assert r["unet_max_abs_diff"] < 1e-4 * max(1.0, r["unet_scale"]), r
+    assert r["clip_shape"][1] == 77 and r["clip_max_abs_diff"] < 1e-4, r
+    assert r["vae_latent_max_abs_diff"] < 1e-5 and r["vae_decode_max_abs_diff"] < 1e-5, r
+
+
 def test_importing_the_pack_changes_no_comfy_global(comfy_dir):
     r = run_probe(comfy_dir, "globals")
     assert r["n_nodes"] >= 2
