@@ -309,8 +309,10 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """``[B,3,H,W]`` in [0,1] → latents ``E(x)·s`` (posterior mean)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B,3,H,W] in [0,1], got {tuple(images.shape)}")
+    from .models.sd_folder import encode_unscaled
+
     p = next(vae.parameters())
-    z = vae.encode((images * 2 - 1).to(device=p.device, dtype=p.dtype)).latent_dist.mean
+    z = encode_unscaled(vae, (images * 2 - 1).to(device=p.device, dtype=p.dtype))
     return z.float() * vae_scaling_factor(vae)
 
 

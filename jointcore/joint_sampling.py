@@ -68,9 +68,10 @@ def encode_image(vae, image: torch.Tensor, sample: bool = False,
     ``sample``)."""
     if image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"expected an image [B, 3, H, W] in [0, 1], got {tuple(image.shape)}")
+    from .models.sd_folder import encode_unscaled
+
     p = _vae_param(vae)
-    dist = vae.encode((image * 2 - 1).to(device=p.device, dtype=p.dtype)).latent_dist
-    z = dist.sample(generator=generator) if sample else dist.mode()
+    z = encode_unscaled(vae, (image * 2 - 1).to(device=p.device, dtype=p.dtype), sample, generator)
     return (z * vae.config.scaling_factor).float()
 
 

@@ -29,9 +29,10 @@ from ._deps import require
 
 def load_sd_components(model_dir: str):
     """``(unet, vae, tokenizer, text_encoder, alphas_cumprod, prediction_type)`` from a diffusers folder."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    from .models.sd_folder import load_vae
     from .schedules import alphas_cumprod as sd_alphas_cumprod
 
     if not os.path.isdir(model_dir):
@@ -41,7 +42,7 @@ def load_sd_components(model_dir: str):
         raise ValueError(f"model folder {model_dir!r} lacks {missing}: give a diffusers Stable Diffusion folder "
                          "(unet/, vae/, text_encoder/, tokenizer/, optional scheduler/)")
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    vae = load_vae(os.path.join(model_dir, "vae"))
     tok = AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
     te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
     if os.path.isdir(os.path.join(model_dir, "scheduler")):

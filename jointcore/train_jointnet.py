@@ -102,14 +102,24 @@ def _square(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def load_depth(path: str) -> torch.Tensor:
-    """A depth file → ``[1, H, W]`` in ``[0, 1]`` (16-bit PNG /65535, 8-bit /255, .npy min-max)."""
+def load_depth(path: str, npy_as: str = "depth") -> torch.Tensor:
+    """A depth file → ``[1, H, W]`` in ``[0, 1]`` (16-bit PNG /65535, 8-bit /255, .npy min-max).
+
+    ``npy_as``: ``"depth"`` min-max normalises the ``.npy`` values as they are; ``"disparity"`` reads them as
+    metric depth and min-max normalises ``1/depth`` (near = bright, JointNet's convention), e.g. for the
+    procedural world's ``depth/*.npy``."""
     from PIL import Image
 
     if path.endswith(".npy"):
         a = np.load(path).astype(np.float32).squeeze()
         if a.ndim != 2:
             raise ValueError(f"{path}: depth .npy must be 2-D, got shape {a.shape}")
+        if npy_as == "disparity":
+            if not np.isfinite(a).all() or (a <= 0).any():
+                raise ValueError(f"{path}: metric depth for --npy-depth-as disparity must be finite and > 0 m")
+            a = 1.0 / a
+        elif npy_as != "depth":
+            raise ValueError(f"npy_as must be 'depth' or 'disparity', got {npy_as!r}")
         a = (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
         return torch.from_numpy(a)[None]
     im = Image.open(path)
@@ -123,11 +133,12 @@ def load_depth(path: str) -> torch.Tensor:
 class RGBDDataset(torch.utils.data.Dataset):
     """Items ``{"image": [3,R,R] in [0,1], "depth": [1,R,R] in [0,1], "caption": str}``."""
 
-    def __init__(self, root: str, resolution: int = 512):
+    def __init__(self, root: str, resolution: int = 512, npy_as: str = "depth"):
         if resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
         self.items = scan_dataset(root)
         self.resolution = resolution
+        self.npy_as = npy_as
 
     def __len__(self) -> int:
         return len(self.items)
@@ -137,7 +148,7 @@ class RGBDDataset(torch.utils.data.Dataset):
 
         img_p, dep_p, cap_p = self.items[i]
         img = torch.from_numpy(np.array(Image.open(img_p).convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-        dep = load_depth(dep_p)
+        dep = load_depth(dep_p, self.npy_as)
         if dep.shape[-2:] != img.shape[-2:]:
             dep = F.interpolate(dep[None], size=img.shape[-2:], mode="bilinear", align_corners=False)[0]
         with open(cap_p, encoding="utf-8") as f:
@@ -334,17 +345,18 @@ def train(model: JointNet, vae, encode_text: Callable[[list[str]], torch.Tensor]
 
 
 def _load_models(args):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from . import schedules as S
+    from .models.sd_folder import load_vae
 
     base = args.pretrained
     for sub in ("vae", "text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(base, sub)):
             raise FileNotFoundError(f"--pretrained {base!r} lacks {sub}/ (a diffusers Stable Diffusion folder is "
                                     f"needed for the VAE and text encoder)")
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").eval()
+    vae = load_vae(os.path.join(base, "vae"))
     te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
     tok = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     if os.path.isdir(os.path.join(base, "scheduler")):
@@ -364,11 +376,17 @@ def _load_models(args):
         raise ValueError(f"text encoder width {te.config.hidden_size} does not match the UNet's "
                          f"cross_attention_dim {model.cross_attention_dim}")
 
+    memo: dict[str, torch.Tensor] = {}  # captions repeat every epoch; the text encoder is frozen
+
     @torch.no_grad()
     def encode_text(captions: list[str]) -> torch.Tensor:
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return te(ids.to(te.device))[0]
+        new = sorted({c for c in captions if c not in memo})
+        if new:
+            length = min(tok.model_max_length, te.config.max_position_embeddings)
+            ids = tok(new, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+            for c, e in zip(new, te(ids.to(te.device))[0]):
+                memo[c] = e.cpu()
+        return torch.stack([memo[c] for c in captions])
 
     return model, vae, encode_text, ab, pred
 
@@ -399,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--npy-depth-as", choices=("depth", "disparity"), default="depth",
+                   help="how depth/*.npy files are read: normalised as they are, or as metric depth → disparity "
+                        "(near bright, JointNet's convention)")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
@@ -412,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[float]:
     args = build_parser().parse_args(argv)
-    dataset = RGBDDataset(args.data, args.resolution)  # validate the data before loading models
+    dataset = RGBDDataset(args.data, args.resolution, args.npy_depth_as)  # validate the data before loading models
     model, vae, encode_text, ab, pred = _load_models(args)
     cfg = TrainConfig(stage=args.stage, steps=args.steps, lr=args.lr, text_drop=args.text_drop, warmup=args.warmup,
                       noise_offset=args.noise_offset, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -23,6 +23,27 @@ def vae_class_name(folder: str) -> str:
         raise ValueError(f"{cfg}: not valid JSON ({e})") from None
 
 
+def load_vae(folder: str, dtype: torch.dtype = torch.float32):
+    """The diffusers VAE in ``folder`` (``AutoencoderKL`` or ``AutoencoderTiny``, by its config), in eval mode."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    name = vae_class_name(folder)
+    klass = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}.get(name)
+    if klass is None:
+        raise ValueError(f"{folder}/config.json: VAE class {name!r} is not supported (AutoencoderKL or AutoencoderTiny)")
+    return klass.from_pretrained(folder, torch_dtype=dtype).eval()
+
+
+def encode_unscaled(vae, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+    """``x`` in ``[-1, 1]`` → the VAE's latent before ``scaling_factor``: the posterior mode (or a sample) of an
+    ``AutoencoderKL``, the deterministic output of an ``AutoencoderTiny``."""
+    out = vae.encode(x)
+    dist = getattr(out, "latent_dist", None)
+    if dist is None:
+        return out.latents
+    return dist.sample(generator=generator) if sample else dist.mode()
+
+
 class LatentCodec(torch.nn.Module):
     """An ``AutoencoderKL`` or ``AutoencoderTiny`` with one scaled-latent interface."""
 
@@ -35,21 +56,10 @@ class LatentCodec(torch.nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str, dtype: torch.dtype = torch.float32) -> "LatentCodec":
-        from diffusers import AutoencoderKL, AutoencoderTiny
-
-        name = vae_class_name(folder)
-        klass = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}.get(name)
-        if klass is None:
-            raise ValueError(f"{folder}/config.json: VAE class {name!r} is not supported "
-                             f"(AutoencoderKL or AutoencoderTiny)")
-        return cls(klass.from_pretrained(folder, torch_dtype=dtype).eval())
+        return cls(load_vae(folder, dtype))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tiny:
-            z = self.vae.encode(x).latents
-        else:
-            z = self.vae.encode(x).latent_dist.mode()
-        return (z - self.shift_factor) * self.scaling_factor
+        return (encode_unscaled(self.vae, x) - self.shift_factor) * self.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.scaling_factor + self.shift_factor).sample

@@ -192,3 +192,19 @@ def test_t2i_two_processes_match_one_process_with_the_same_global_batch(t2i_setu
     w2 = UNet2DConditionModel.from_pretrained(str(runs[2][2] / "unet")).state_dict()
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst < 1e-4, worst
+
+
+def test_pack_encoders_accept_the_taesd_family_vae():
+    """JointNet, Diff-2-in-1 and the training CLIs encode through one helper that knows both VAE classes."""
+    from jointcore.diff2in1 import encode_images
+    from jointcore.joint_sampling import encode_depth, encode_image
+
+    vae = V.build_model().eval()
+    img = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = vae.encode(img * 2 - 1).latents
+    assert torch.equal(encode_image(vae, img), ref)
+    assert torch.equal(encode_images(vae, img), ref)
+    dep = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(encode_depth(vae, dep), vae.encode(dep.expand(-1, 3, -1, -1) * 2 - 1).latents)

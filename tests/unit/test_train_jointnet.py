@@ -135,3 +135,20 @@ def test_stage3_adds_mask_conditioning(tmp_path):
     assert float(jm.rgb.jointnet_masked_latent_conv.weight.abs().max()) > 0  # trained from zero
     m_r, m_d = random_masks(64, 4, 4, (0, 1, 0, 0), torch.Generator().manual_seed(0))
     assert float(m_r.max()) == 0 and float(m_d.min()) == 1
+
+
+def test_metric_depth_npy_read_as_disparity(tmp_path):
+    """The procedural world writes metric depth (.npy, metres); JointNet trains on disparity (near bright)."""
+    from jointcore.train_jointnet import load_depth
+
+    d = np.array([[1.0, 2.0], [4.0, 4.0]], np.float32)
+    np.save(tmp_path / "d.npy", d)
+    disp = load_depth(str(tmp_path / "d.npy"), "disparity")[0]
+    ref = (1 / d - 0.25) / (1.0 - 0.25)  # 1/d min-max normalised
+    assert torch.allclose(disp, torch.from_numpy(ref))
+    assert disp[0, 0] == 1 and disp[1, 1] == 0  # nearest bright, farthest dark
+    plain = load_depth(str(tmp_path / "d.npy"))[0]
+    assert plain[0, 0] == 0 and plain[1, 1] == 1
+    np.save(tmp_path / "z.npy", np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="z.npy"):
+        load_depth(str(tmp_path / "z.npy"), "disparity")
