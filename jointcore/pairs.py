@@ -3,7 +3,8 @@
 Layout (file *stems* pair the files; extensions may differ)::
 
     root/
-      rgb/       <name>.png | .jpg | .jpeg | .webp      8-bit (or 16-bit) RGB
+      rgb/       <name>.png | .jpg | .jpeg | .webp      8-bit (or 16-bit) RGB (``images/`` is read when there is
+                                                       no ``rgb/``: the procedural world's layout)
       depth/     <name>.npy   float [H,W] depth (0, nan, inf = invalid)
                  <name>.png   16-bit grey; depth = value / depth_png_scale (default 1000 → millimetres),
                               0 = invalid
@@ -120,6 +121,8 @@ class PairFolder:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
         rgb_dir, tgt_dir = os.path.join(root, "rgb"), os.path.join(root, task)
+        if not os.path.isdir(rgb_dir) and os.path.isdir(os.path.join(root, "images")):
+            rgb_dir = os.path.join(root, "images")
         for d, what in ((rgb_dir, "input images"), (tgt_dir, f"{task} ground truth")):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"data folder {root!r} has no {os.path.basename(d)}/ sub-folder ({what}); "

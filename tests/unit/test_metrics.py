@@ -181,3 +181,18 @@ def test_evaluate_cli(tmp_path, capsys):
     # malformed folder → exit code 2 with a message
     rc = E.main(["--checkpoint", ckpt, "--data", str(tmp_path / "missing"), "--task", "depth"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_pair_folder_reads_the_world_layout(tmp_path):
+    """The procedural world writes images/ (not rgb/) with depth/*.npy and normals/*.npy beside it."""
+    from jointcore.data import world as W
+    from jointcore.pairs import PairFolder
+
+    W.write_dataset(str(tmp_path / "w"), range(3), 32, supersample=1)
+    d = PairFolder(str(tmp_path / "w"), "depth")
+    n = PairFolder(str(tmp_path / "w"), "normals")
+    assert len(d) == len(n) == 3
+    p = d[0]
+    assert p.rgb.shape == (3, 32, 32) and p.mask.all() and (p.target > 0).all()
+    q = n[1]
+    assert torch.allclose(q.target.norm(dim=0), torch.ones(32, 32), atol=1e-4)
