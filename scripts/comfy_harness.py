@@ -327,12 +327,28 @@ def referenced_checkpoints(ui_workflows: list[Path]) -> set[str]:
     return names
 
 
-def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path) -> dict[str, Any]:
-    """ComfyServer arguments for the built-in tiny default: the tiny checkpoint linked under every
-    checkpoint name the workflows reference, plus the tiny model folders (``scripts/tiny_models.py``)."""
+def family_checkpoint() -> Path:
+    """The trained default family's ComfyUI checkpoint (``python -m jointcore.family.build``), or an error
+    that says how to build it."""
+    sys.path.insert(0, str(REPO))
+    from jointcore.family import build as B
+
+    p = B.default_cache() / "checkpoint" / B.CHECKPOINT_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"the default family's checkpoint {p} is not built yet; run "
+                                f"`python -m jointcore.family.build` (stages {', '.join(B.STAGES)})")
+    return p
+
+
+def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path, models: str = "tiny") -> dict[str, Any]:
+    """ComfyServer arguments for the built-in default: a checkpoint linked under every checkpoint name the
+    workflows reference — the random tiny one (``models="tiny"``) or the trained family's
+    (``models="family"``) — plus the tiny model folders (``scripts/tiny_models.py``)."""
     import tiny_models as T
 
-    ckpt = tiny_checkpoint(comfy)
+    if models not in ("tiny", "family"):
+        raise ValueError(f"models must be 'tiny' or 'family', got {models!r}")
+    ckpt = family_checkpoint() if models == "family" else tiny_checkpoint(comfy)
     d = work / "tiny_models"
     d.mkdir(parents=True, exist_ok=True)
     links = []
@@ -345,7 +361,7 @@ def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path) -> dict[str, 
 
 
 def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = None, tiny: bool = True,
-                  server: Optional[ComfyServer] = None, log=print) -> dict[str, list[Path]]:
+                  server: Optional[ComfyServer] = None, log=print, models: str = "tiny") -> dict[str, list[Path]]:
     """Start ComfyUI (unless ``server`` is given), run the shipped workflows, copy outputs to ``out_dir``."""
     wfs = [p for p in workflows() if not names or p.stem in names]
     if names and len(wfs) != len(set(names)):
@@ -354,7 +370,7 @@ def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = N
     if own:
         comfy = comfyui_dir()
         work = Path(tempfile.mkdtemp(prefix="jd-run-"))
-        server = ComfyServer(comfy, work, **tiny_models(comfy, wfs, work)).start()
+        server = ComfyServer(comfy, work, **tiny_models(comfy, wfs, work, models)).start()
         log(f"ComfyUI {comfyui_version(comfy)} ready in {server.startup_s:.1f}s ({len(server.object_info)} nodes)")
     results = {}
     try:

@@ -23,16 +23,19 @@ def main() -> int:
     ap.add_argument("--workflow", action="append", help="run only this workflow (name without .json)")
     ap.add_argument("--full-size", action="store_true", help="keep the workflows' image sizes")
     ap.add_argument("--save-object-info", help="also save the server's /object_info to this file")
+    ap.add_argument("--models", choices=("tiny", "family"), default="tiny",
+                    help="checkpoint behind every workflow: the random tiny stand-in, or the trained default family "
+                         "(built by `python -m jointcore.family.build`)")
     a = ap.parse_args()
     if a.save_object_info:
         comfy = H.comfyui_dir()
         import tempfile
         work = Path(tempfile.mkdtemp(prefix="jd-run-"))
-        with H.ComfyServer(comfy, work, **H.tiny_models(comfy, H.workflows(), work)) as s:
+        with H.ComfyServer(comfy, work, **H.tiny_models(comfy, H.workflows(), work, a.models)) as s:
             Path(a.save_object_info).write_text(json.dumps(s.object_info))
             res = H.run_workflows(a.workflow, Path(a.out), tiny=not a.full_size, server=s)
     else:
-        res = H.run_workflows(a.workflow, Path(a.out), tiny=not a.full_size)
+        res = H.run_workflows(a.workflow, Path(a.out), tiny=not a.full_size, models=a.models)
     print(f"outputs in {Path(a.out).resolve()}: " + ", ".join(f"{k} ({len(v)})" for k, v in res.items()))
     return 0
 

@@ -65,7 +65,7 @@ def read_captions(image_paths: list[str]) -> list[str]:
 def load_text_parts(folder: str):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    for sub in ("vae", "text_encoder", "tokenizer"):
+    for sub in ("text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(folder, sub)):
             raise FileNotFoundError(f"--pretrained {folder!r} lacks {sub}/ (a diffusers Stable Diffusion folder)")
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
@@ -114,6 +114,8 @@ def prepare_data(pretrained: str, data: str, cache: str, log=print) -> dict:
     key = _cache_key(os.path.abspath(pretrained), *paths)
 
     def latents():
+        if not os.path.isdir(os.path.join(pretrained, "vae")):
+            raise FileNotFoundError(f"--pretrained {pretrained!r} lacks vae/ (a diffusers Stable Diffusion folder)")
         codec = LatentCodec.from_folder(os.path.join(pretrained, "vae"))
         imgs = load_images_uint8(paths)
         out = []
