@@ -10,6 +10,14 @@ same settings is skipped, so the build can be stopped and continued; ``--force S
 ``vae``         ``jointcore.training.train_taesd`` → ``base/vae`` (TAESD layout)
 ``t2i``         ``jointcore.training.train_t2i`` → ``base/unet`` (SD 1.x-detectable one-level UNet)
 ``checkpoint``  the single-file ComfyUI checkpoint (UNet + CLIP + TAESD, fp16)
+``predictor_depth``, ``predictor_normals``
+                ``jointcore.train_e2e`` (E2E-FT: one step at t = 999, task loss through the frozen decoder) on
+                an 8-channel UNet made from the text-to-image UNet (Marigold's widened ``conv_in``, halved
+                weights), saved in the Marigold / E2E-FT diffusers layout
+``jointnet``    ``jointcore.train_jointnet`` stage 1 (dense branch from the text-to-image UNet, RGB branch
+                frozen; disparity from the world's metric depth)
+``jointnet_inpaint``
+                stage 3 from ``jointnet``: the masked-latent input for channel-wise inpainting
 
 Every training stage runs as its own process (``python -m …``, or ``accelerate launch -m …`` with
 ``--launcher accelerate``), exactly as a user would run the CLI, and keeps its loss log in its folder.
@@ -33,8 +41,21 @@ TRAIN_SCENES = 8000
 HELDOUT_SCENES = 256
 IMAGE_SIZE = 64
 VAE_ARGS = ["--max-steps", "2000", "--batch-size", "16", "--lr", "1e-3", "--seed", "0"]
-T2I_ARGS = ["--max-steps", "3000", "--batch-size", "32", "--lr", "2e-4", "--seed", "0"]
-STAGES = ("world", "base", "vae", "t2i", "checkpoint")
+T2I_ARGS = ["--max-steps", "3000", "--batch-size", "32", "--lr", "2e-4", "--save-every", "250", "--seed", "0"]
+PREDICTOR_ARGS = ["--max-steps", "800", "--batch-size", "16", "--grad-accum", "1", "--lr", "1e-4",
+                  "--warmup-steps", "50", "--height", "64", "--width", "64", "--seed", "0"]
+JOINTNET_ARGS = ["--steps", "1500", "--batch-size", "16", "--lr", "1e-4", "--warmup", "100", "--resolution", "64",
+                 "--npy-depth-as", "disparity", "--log-every", "25", "--seed", "0"]
+JOINTNET_INPAINT_ARGS = ["--steps", "500", "--batch-size", "16", "--lr", "2e-5", "--warmup", "50", "--resolution",
+                         "64", "--npy-depth-as", "disparity", "--log-every", "25", "--seed", "0"]
+STAGES = ("world", "base", "vae", "t2i", "checkpoint", "predictor_depth", "predictor_normals", "jointnet",
+          "jointnet_inpaint")
+# what each stage's result depends on (its own settings and everything upstream)
+UPSTREAM = {"world": (), "base": (), "vae": ("world",), "t2i": ("vae",), "checkpoint": ("t2i",),
+            "predictor_depth": ("t2i",), "predictor_normals": ("t2i",), "jointnet": ("t2i",),
+            "jointnet_inpaint": ("jointnet",)}
+OWN_ARGS = {"vae": VAE_ARGS, "t2i": T2I_ARGS, "predictor_depth": PREDICTOR_ARGS, "predictor_normals": PREDICTOR_ARGS,
+            "jointnet": JOINTNET_ARGS, "jointnet_inpaint": JOINTNET_INPAINT_ARGS}
 CHECKPOINT_NAME = "jointdiffusion_default_sd15.safetensors"
 
 
@@ -65,9 +86,15 @@ class Builder:
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
     def _settings(self, stage: str) -> dict:
+        """This stage's settings and, recursively, those of the stages it builds on."""
+        deps, todo = set(), list(UPSTREAM[stage])
+        while todo:
+            d = todo.pop()
+            if d not in deps:
+                deps.add(d)
+                todo += UPSTREAM[d]
         return {"version": VERSION, "stage": stage, "train_scenes": TRAIN_SCENES, "heldout_scenes": HELDOUT_SCENES,
-                "size": IMAGE_SIZE, "vae": VAE_ARGS if stage in ("vae", "t2i", "checkpoint") else None,
-                "t2i": T2I_ARGS if stage in ("t2i", "checkpoint") else None}
+                "size": IMAGE_SIZE, "args": {s: OWN_ARGS[s] for s in sorted(deps | {stage}) if s in OWN_ARGS}}
 
     def done(self, stage: str) -> bool:
         f = self.path(stage) / "DONE.json"
@@ -140,6 +167,59 @@ class Builder:
         base = self.path("base")
         sd15_checkpoint(str(base / "unet"), str(base / "vae"), str(self.path("checkpoint") / CHECKPOINT_NAME),
                         metadata={"what": "jointdiffusion default family, text-to-image", "version": VERSION})
+
+    def _predictor_base(self, task: str) -> Path:
+        """An E2E-FT starting point in the Marigold layout: the text-to-image UNet with ``conv_in`` widened to
+        ``[rgb latent, target latent]`` (weights duplicated and halved, so the output is unchanged for equal
+        halves), v-prediction, trailing DDIM, 1 step by default."""
+        import torch
+        from diffusers import (AutoencoderTiny, DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline,
+                               UNet2DConditionModel)
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        base, out = self.path("base"), self.path(f"predictor_{task}") / "init"
+        unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
+        old = unet.conv_in
+        new = torch.nn.Conv2d(2 * old.in_channels, old.out_channels, old.kernel_size, padding=old.padding)
+        with torch.no_grad():
+            new.weight.copy_(torch.cat([old.weight, old.weight], 1) / 2)
+            new.bias.copy_(old.bias)
+        unet.conv_in = new
+        unet.register_to_config(in_channels=2 * old.in_channels)
+        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              set_alpha_to_one=False, clip_sample=False, prediction_type="v_prediction",
+                              timestep_spacing="trailing")
+        cls = MarigoldDepthPipeline if task == "depth" else MarigoldNormalsPipeline
+        kw = dict(scale_invariant=True, shift_invariant=True) if task == "depth" else {}
+        pipe = cls(unet=unet, vae=AutoencoderTiny.from_pretrained(str(base / "vae")), scheduler=sched,
+                   text_encoder=CLIPTextModel.from_pretrained(str(base / "text_encoder")),
+                   tokenizer=CLIPTokenizer.from_pretrained(str(base / "tokenizer")), prediction_type=task,
+                   default_denoising_steps=1, default_processing_resolution=IMAGE_SIZE, **kw)
+        pipe.save_pretrained(str(out), safe_serialization=True)
+        return out
+
+    def _predictor(self, task: str) -> None:
+        init = self._predictor_base(task)
+        out = self.path(f"predictor_{task}") / "model"
+        self.run_module("jointcore.train_e2e", ["--checkpoint", str(init), "--data", str(self.path("world") / "train"),
+                                               "--task", task, "--output", str(out), *PREDICTOR_ARGS])
+
+    def predictor_depth(self) -> None:
+        self._predictor("depth")
+
+    def predictor_normals(self) -> None:
+        self._predictor("normals")
+
+    def jointnet(self) -> None:
+        self.run_module("jointcore.train_jointnet", ["--pretrained", str(self.path("base")), "--data",
+                        str(self.path("world") / "train"), "--output", str(self.path("jointnet") / "model"),
+                        "--stage", "1", *JOINTNET_ARGS])
+
+    def jointnet_inpaint(self) -> None:
+        self.run_module("jointcore.train_jointnet", ["--pretrained", str(self.path("base")), "--data",
+                        str(self.path("world") / "train"), "--output", str(self.path("jointnet_inpaint") / "model"),
+                        "--init-jointnet", str(self.path("jointnet") / "model"), "--stage", "3",
+                        *JOINTNET_INPAINT_ARGS])
 
     # ---- driver -------------------------------------------------------------------------------------------
     def build(self, stages: Sequence[str], force: Sequence[str] = ()) -> None:
