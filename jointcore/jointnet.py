@@ -237,15 +237,26 @@ class JointNetUNet(UNet2DConditionModel):
 
     def forward_up(self, ctx: dict, add_skips: Optional[tuple] = None,
                    add_mid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Up path from :meth:`forward_down_mid`'s context, adding the other branch's exchange tensors."""
-        h, emb, skips = ctx["sample"], ctx["emb"], ctx["skips"]
-        ehs, cak = ctx["encoder_hidden_states"], ctx["cross_attention_kwargs"]
-        # without autograd the sums are done in place (the tensors were already consumed by the exchange convs)
-        inplace = not torch.is_grad_enabled()
+        """Up path from :meth:`forward_down_mid`'s context, adding the other branch's exchange tensors.
+
+        The context is **consumed**: its tensors are taken out of the dict (so they can be freed as the up path
+        goes), and a second call with the same context raises instead of silently adding the exchange tensors
+        twice. The tensors themselves are never modified (sums are new tensors, one skip at a time).
+        """
+        if ctx.get("consumed"):
+            raise RuntimeError("this forward_down_mid context was already used by forward_up; run "
+                               "forward_down_mid again (a context holds one step's activations)")
+        h, skips = ctx.pop("sample"), list(ctx.pop("skips"))
+        ctx["consumed"] = True
+        emb, ehs, cak = ctx["emb"], ctx["encoder_hidden_states"], ctx["cross_attention_kwargs"]
         if add_skips is not None:
-            skips = tuple(s.add_(a) if inplace else s + a for s, a in zip(skips, add_skips))
+            if len(add_skips) != len(skips):
+                raise ValueError(f"{len(add_skips)} exchange skips for {len(skips)} skip tensors")
+            for k, a in enumerate(add_skips):
+                skips[k] = skips[k] + a
         if add_mid is not None:
-            h = h.add_(add_mid) if inplace else h + add_mid
+            h = h + add_mid
+        skips = tuple(skips)
         upsample_size = None
         for i, blk in enumerate(self.up_blocks):
             res = skips[-len(blk.resnets):]

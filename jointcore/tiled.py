@@ -13,7 +13,9 @@ Each DDIM step from ``t`` to ``t'`` (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5)
 
 with ``W_v`` the per-view weight map (uniform, or the JointNet linear boundary decay), an optional
 whole-image view with weight 5 for the first 40 % of the steps and random per-step offsets of the view
-grid (JointNet, Zhang et al. 2023, §4.2). SyncDiffusion (Lee et al. 2023): anchor = middle view,
+grid (JointNet, Zhang et al. 2023, §4.2). As in the official JointNet panorama loop, the whole-image view of a
+circular panorama is shifted by the step's x offset like every other view (the model sees the panorama
+rolled, so its borders do not stay at the 360° seam). SyncDiffusion (Lee et al. 2023): anchor = middle view,
 ``w_i = w · decay**i`` applied on step ``i`` when ``(i+1) % freq == 0 and i < thres``; the gradient goes
 through the decoder (one view at a time under grad), the denoiser is re-run on the updated view without
 grad, and only the RGB part of the latent (channels ``0..3``) is decoded for the perceptual loss.
@@ -38,6 +40,8 @@ import torch
 from . import prediction as P
 from .denoiser import Denoiser, TextConditioning
 from .sampling import ddim_step, next_timesteps
+
+_LOG = logging.getLogger("jointdiffusion")
 
 IntPair = Union[int, tuple[int, int]]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]            # latent [B,4,h,w] -> image [B,3,h·f,w·f] in [-1,1]
@@ -190,9 +194,10 @@ class TiledConfig:
         circular: wrap views around in x (360° panorama).
         view_batch: views per denoiser call.
         boundary: linear boundary decay width (JointNet: 8); 0 = uniform view weights (MultiDiffusion).
-        random_offset: shift the view grid by ``randint(stride)`` each step (JointNet), wrap-around in x.
+        random_offset: shift the view grid by ``randint(stride)`` each step (JointNet), wrap-around in x;
+            :func:`tiled_sample` also takes explicit per-step offsets.
         whole_image_weight: weight of the whole-image view (JointNet: 5); 0 = none. Active while
-            ``i <= int(steps · whole_image_until)``.
+            ``i <= int(steps · whole_image_until)``; on a circular panorama it starts at the step's x offset.
         sync_weight: SyncDiffusion gradient weight ``w`` (paper: 20); 0 disables synchronisation.
         sync_decay, sync_freq, sync_thres: ``w_i = w·decay**i`` on steps with
             ``(i+1) % freq == 0 and i < thres``.
@@ -372,6 +377,7 @@ def tiled_sample(
     callback: Optional[TiledCallback] = None,
     sync_hook: Optional[Callable[[int, int, View, torch.Tensor, torch.Tensor], None]] = None,
     stats: Optional[TiledStats] = None,
+    offsets: Optional[Sequence[Union[int, tuple[int, int]]]] = None,
 ) -> torch.Tensor:
     """Tiled DDIM from ``x`` ``[B,C,H,W]`` (noisy at ``timesteps[0]``) along ``timesteps``.
 
@@ -382,6 +388,9 @@ def tiled_sample(
         eta, prev_timesteps, final_alpha_cumprod: as :func:`jointcore.sampling.ddim_sample` (the η noise is
             drawn once per step for the whole panorama, so overlapping views agree).
         generator: for η noise and random offsets.
+        offsets: explicit view-grid offsets, one per step: ``ox`` or ``(oy, ox)`` in latent pixels,
+            ``0 <= o < stride`` (replaces the random draws, e.g. to reproduce a run of the official loop, whose
+            ``w_offset`` is ``np.random.randint(stride)``).
         decode: ``latent [b,4,h,w] → image [b,3,·,·]`` in ``[-1, 1]``, differentiable (SyncDiffusion).
         perceptual: ``(image, reference) → loss`` (e.g. :func:`jointcore.metrics_pano.load_lpips`).
         callback: ``(i, n, x_prev, x0_pred)`` after each step; raising from it interrupts sampling.
@@ -411,9 +420,16 @@ def tiled_sample(
     n = len(ts)
     dev = x.device
     gen_dev = generator.device if generator is not None else torch.device("cpu")
+    steps_offsets = _check_offsets(offsets, n, (sh, sw)) if offsets is not None else None
+    if cfg.circular and W <= ww:
+        _LOG.warning("tiled sampling: 'circular' has no effect here: the panorama is %d latents wide, not wider "
+                     "than the %d-latent window, so there is a single view across and nothing wraps around; "
+                     "use a wider panorama or a smaller window for a 360° panorama", W, ww)
 
     for i, (t, tp) in enumerate(zip(ts, prev)):
-        if cfg.random_offset:
+        if steps_offsets is not None:
+            oy, ox = steps_offsets[i]
+        elif cfg.random_offset:
             oy = int(torch.randint(sh, (1,), generator=generator, device=gen_dev)) if H > wh else 0
             ox = int(torch.randint(sw, (1,), generator=generator, device=gen_dev)) if W > ww else 0
         else:
@@ -456,7 +472,9 @@ def tiled_sample(
         # (2) denoise every view (batched) and accumulate the weighted average
         all_views = list(enumerate(views))
         if whole_image_active(i, n, cfg) and len(views) > 1:
-            all_views.append((-1, View(0, 0, H, W, cfg.whole_image_weight, whole=True)))
+            # circular: rolled by the step's x offset, as in the official loop (w_offset added to every view)
+            left = ox % W if cfg.circular else 0
+            all_views.append((-1, View(0, left, H, W, cfg.whole_image_weight, whole=True)))
         value = torch.zeros_like(x, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
         count = torch.zeros((1, 1, H, W), dtype=value.dtype, device=dev)
         x0_value = torch.zeros_like(value)
@@ -491,6 +509,21 @@ def tiled_sample(
             callback(i, n, x, (x0_value / count).to(x.dtype))
     stats.seconds += time.perf_counter() - t0
     return x
+
+
+def _check_offsets(offsets, n: int, stride: tuple[int, int]) -> list[tuple[int, int]]:
+    """Per-step offsets → ``[(oy, ox)] * n``; each ``0 <= o < stride`` (clear errors otherwise)."""
+    out = list(offsets)
+    if len(out) != n:
+        raise ValueError(f"offsets must have one entry per step ({n}), got {len(out)}")
+    res = []
+    for i, o in enumerate(out):
+        pair = isinstance(o, (tuple, list)) or (torch.is_tensor(o) and o.ndim == 1)
+        oy, ox = (int(o[0]), int(o[1])) if pair else (0, int(o))
+        if not (0 <= oy < stride[0] and 0 <= ox < stride[1]):
+            raise ValueError(f"offset {o!r} of step {i} must satisfy 0 <= offset < stride {stride}")
+        res.append((oy, ox))
+    return res
 
 
 def _x0_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,13 @@ import torch
 
 CATEGORY = "JointDiffusion"
 
+# tiled samplers (panorama.py, jointnet.py): the official JointNet linear boundary is 8 latents, whatever the window
+BOUNDARY_PX = 64
+BOUNDARY_INPUT = ("INT", {"default": BOUNDARY_PX, "min": 0, "max": 4096, "step": 8,
+                          "tooltip": "jointnet method: width of the linear boundary weight ramp at each view's "
+                                     "edges, in pixels (official: 64 px = 8 latents, independent of the window); "
+                                     "0 = uniform weights. Other methods use uniform weights."})
+
 
 # ---- tensors ---------------------------------------------------------------------------------------
 

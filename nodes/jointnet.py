@@ -20,8 +20,8 @@ from ..jointcore import joint_sampling as JS
 from ..jointcore import schedules as S
 from ..jointcore.denoiser import TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
-from .common import (CATEGORY, list_model_dirs, mask_to_b1hw, offload_device, progress, register_model_folder,
-                     resolve_model_dir, torch_device)
+from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, list_model_dirs, mask_to_b1hw, offload_device,
+                     progress, register_model_folder, resolve_model_dir, torch_device)
 
 FOLDER = "jointnet"
 register_model_folder(FOLDER)
@@ -313,6 +313,8 @@ class JDJointPanoramaSampler:
             "view_batch": ("INT", {"default": 4, "min": 1, "max": 64}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "< 1: SDEdit refinement of the given joint latent (paper: 0.4)"}),
+        }, "optional": {
+            "boundary": BOUNDARY_INPUT,
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -323,7 +325,7 @@ class JDJointPanoramaSampler:
                    "tiled SDEdit refinement of an upsampled RGBD panorama.")
 
     def sample(self, jointnet, positive, negative, joint_latent, method, seed, steps, cfg, window, stride, circular,
-               view_batch, denoise):
+               view_batch, denoise, boundary=BOUNDARY_PX):
         from ..jointcore.prediction import add_noise
         from ..jointcore.tiled import tiled_sample
         from .panorama import build_config
@@ -337,7 +339,7 @@ class JDJointPanoramaSampler:
             raise ValueError("panoramas need the joint-generation model (e.g. rgbd_finetune_sd21b), not the "
                              "mask-conditioned inpaint model")
         B, _, h, w = z.shape
-        config = build_config(method, window, stride, circular, view_batch)
+        config = build_config(method, window, stride, circular, view_batch, boundary=boundary)
         D = b.model.cross_attention_dim
         c, u = _same_length(conditioning_embedding(positive, D, "positive"),
                             conditioning_embedding(negative, D, "negative"))

@@ -13,7 +13,7 @@ import torch
 from ..jointcore.metrics_pano import load_lpips
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
 from .comfy_denoiser import ComfyRun, make_ksampler
-from .common import CATEGORY
+from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]
 LPIPS_FOLDER = "lpips"
@@ -58,10 +58,13 @@ def pixels_to_latent(v: int, name: str) -> int:
 
 def build_config(method: str, window: int, stride: int, circular: bool, view_batch: int,
                  sync_weight: float = 20.0, sync_decay: float = 0.95, sync_freq: int = 1,
-                 sync_thres: int = -1) -> TiledConfig:
-    """TiledConfig from node inputs (pixels → latents; ``stride`` 0 = the method's default)."""
+                 sync_thres: int = -1, boundary: int = BOUNDARY_PX) -> TiledConfig:
+    """TiledConfig from node inputs (pixels → latents; ``stride`` 0 = the method's default; ``boundary`` is the
+    jointnet method's linear boundary width)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    if boundary < 0 or boundary % VAE_FACTOR:
+        raise ValueError(f"boundary {boundary} px must be 0 or a positive multiple of {VAE_FACTOR}")
     win = pixels_to_latent(window, "window")
     kw = dict(window=win, circular=bool(circular), view_batch=int(view_batch))
     if stride:
@@ -72,7 +75,7 @@ def build_config(method: str, window: int, stride: int, circular: bool, view_bat
         return TiledConfig.multidiffusion(**kw)
     if method == "jointnet":
         kw.setdefault("stride", max(1, round(32 * scale)))
-        return TiledConfig.jointnet(boundary=max(1, round(8 * scale)), **kw)
+        return TiledConfig.jointnet(boundary=boundary // VAE_FACTOR, **kw)
     kw.setdefault("stride", max(1, round(16 * scale)))
     kw.update(sync_weight=float(sync_weight), sync_decay=float(sync_decay), sync_freq=int(sync_freq))
     if sync_thres >= 0:
@@ -153,6 +156,7 @@ class JDTiledDiffusionSampler:
                                    "tooltip": "synchronise steps i < thres; -1 = method default (50 / 10)"}),
             "lpips_net": (["vgg", "alex"], {"default": "vgg",
                                             "tooltip": "LPIPS backbone; its torchvision weights go in models/lpips/"}),
+            "boundary": BOUNDARY_INPUT,
         }}
 
     RETURN_TYPES = ("SAMPLER",)
@@ -162,9 +166,9 @@ class JDTiledDiffusionSampler:
                    "optionally 360° seamless. Use an EmptyLatentImage of the panorama size and DDIM sigmas.")
 
     def get_sampler(self, method, window, stride, circular, view_batch, eta, vae=None, sync_weight=20.0,
-                    sync_decay=0.95, sync_freq=1, sync_thres=-1, lpips_net="vgg"):
+                    sync_decay=0.95, sync_freq=1, sync_thres=-1, lpips_net="vgg", boundary=BOUNDARY_PX):
         cfg = build_config(method, window, stride, circular, view_batch, sync_weight, sync_decay, sync_freq,
-                           sync_thres)
+                           sync_thres, boundary)
         if cfg.sync_weight > 0 and vae is None:
             raise ValueError(f"method '{method}' needs the VAE: connect the 'vae' input")
         return (make_ksampler(comfy_tiled, config=cfg, eta=float(eta), vae=vae, lpips_net=lpips_net),)

@@ -5,8 +5,8 @@ tokenizer/, scheduler/), e.g. ``GonzaloMG/marigold-e2e-ft-depth`` or ``prs-eth/m
 
 Custom types:
 * ``JD_PREDICTOR`` — a :class:`jointcore.predictor.DepthNormalPredictor` (kept on the offload device).
-* ``JD_RAW`` — ``{"task": "depth"|"normals", "data": [B,C,H,W] float32 CPU}``: depth in ``[0,1]``
-  (affine-invariant, near = small) or unit normals.
+* ``JD_RAW`` — ``{"task": "depth"|"normals"|"uncertainty", "data": [B,C,H,W] float32 CPU}``: depth in
+  ``[0,1]`` (affine-invariant, near = small), normals, or an ensemble's uncertainty ``[B,1,H,W]``.
 """
 from __future__ import annotations
 
@@ -83,45 +83,72 @@ class JDDepthNormalPredict:
             "predictor": ("JD_PREDICTOR",),
             "image": ("IMAGE",),
             "task": (list(JP.TASKS), {"default": "depth"}),
-            "processing_resolution": ("INT", {"default": 768, "min": 0, "max": 4096, "step": 8,
-                                              "tooltip": "long edge during inference; 0 = native size"}),
-            "steps": ("INT", {"default": 1, "min": 1, "max": 100}),
+            "processing_resolution": ("INT", {"default": 768, "min": -1, "max": 4096, "step": 1,
+                                              "tooltip": "long edge during inference; 0 = native size; -1 = the "
+                                                         "checkpoint's default (model_index.json)"}),
+            "steps": ("INT", {"default": 1, "min": 0, "max": 100,
+                              "tooltip": "DDIM steps; 0 = the checkpoint's default (model_index.json)"}),
             "ensemble_size": ("INT", {"default": 1, "min": 1, "max": 32}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
-            "spacing": (list(JP.PREDICTOR_SPACINGS), {"default": "trailing",
-                                                       "tooltip": "'leading' is the original broken setting"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+                             "tooltip": "one generator for all members (init gaussian)"}),
+            "spacing": (list(JP.SPACING_CHOICES), {"default": "trailing",
+                                                    "tooltip": "'leading' is the original broken setting; 'auto' "
+                                                               "= the checkpoint scheduler's spacing"}),
             "normalisation": (list(JP.NORMALISATIONS), {"default": "per_image"}),
         }, "optional": {
-            "ensemble_reduction": (list(JP.REDUCTIONS), {"default": "median"}),
+            "ensemble_reduction": (list(JP.REDUCTIONS), {"default": "median",
+                                                          "tooltip": "depth ensembles: per-pixel median or mean "
+                                                                     "of the scale/shift-aligned members"}),
+            "preprocessing": (list(JP.PREPROCESSINGS), {
+                "default": "official",
+                "tooltip": "official: exactly the E2E-FT code (8-bit resize, no padding, antialiased resize "
+                           "back, its ensembling); diffusers: diffusers' Marigold pipelines (float resize, "
+                           "padding to 8, plain bilinear back, its ensembling)"}),
+            "init": (list(JP.INITS), {"default": "zeros",
+                                      "tooltip": "initial target latent: zeros (E2E-FT, deterministic) or "
+                                                 "gaussian (Marigold diffusion checkpoints; ensemble members "
+                                                 "only differ with gaussian)"}),
+            "normals_reduction": (list(JP.NORMALS_REDUCTIONS), {
+                "default": "closest", "tooltip": "normal ensembles: the member closest to the mean, or the mean"}),
         }}
 
-    RETURN_TYPES = ("IMAGE", "JD_RAW")
-    RETURN_NAMES = ("image", "raw")
+    RETURN_TYPES = ("IMAGE", "JD_RAW", "IMAGE", "JD_RAW")
+    RETURN_NAMES = ("image", "raw", "uncertainty", "uncertainty_raw")
     FUNCTION = "predict"
     CATEGORY = SUB
-    DESCRIPTION = ("Depth (grey, near = dark) or normals ((n+1)/2) as IMAGE, plus the raw float prediction. "
-                   "E2E-FT checkpoints: steps 1, ensemble 1.")
+    DESCRIPTION = ("Depth (grey, near = dark) or normals ((n+1)/2) as IMAGE, plus the raw float prediction, and "
+                   "the ensemble's uncertainty (IMAGE scaled to each image's maximum; raw: depth MAD / std in "
+                   "normalised-depth units, normals mean angle / pi; zero for one member). E2E-FT checkpoints: "
+                   "steps 1, ensemble 1, init zeros.")
 
     def predict(self, predictor, image, task, processing_resolution, steps, ensemble_size, seed, spacing,
-                normalisation, ensemble_reduction="median"):
+                normalisation, ensemble_reduction="median", preprocessing="official", init="zeros",
+                normals_reduction="closest"):
         dev = mm.get_torch_device()
         off = mm.unet_offload_device()
         images = image_to_bchw(image)
-        cb = progress(int(steps) * int(ensemble_size))
+        settings = predictor.resolve_settings(steps, processing_resolution, spacing)
+        cb = progress(settings["steps"] * int(ensemble_size))
         mm.throw_exception_if_processing_interrupted()
         predictor.to(dev)
         try:
-            out = predictor.predict(images.to(dev), task, processing_resolution=processing_resolution, steps=steps,
-                                    ensemble_size=ensemble_size, seed=seed, spacing=spacing,
-                                    normalisation=normalisation, reduction=ensemble_reduction,
-                                    callback=lambda done, total: cb())
+            out = predictor.predict(images.to(dev), task, processing_resolution=settings["processing_resolution"],
+                                    steps=settings["steps"], ensemble_size=ensemble_size, seed=seed,
+                                    spacing=settings["spacing"], normalisation=normalisation,
+                                    reduction=ensemble_reduction if task == "depth" else normals_reduction,
+                                    preprocessing=preprocessing, init=init, callback=lambda done, total: cb())
         finally:
             if off != dev:
                 predictor.to(off)
                 mm.soft_empty_cache()
         data = out.prediction.float().cpu()
         vis = data if task == "depth" else V.normals_to_rgb(data)
-        return (bchw_to_image(vis), {"task": task, "data": data})
+        unc = (out.uncertainty.float().cpu() if out.uncertainty is not None
+               else torch.zeros((data.shape[0], 1, *data.shape[-2:])))
+        peak = unc.reshape(unc.shape[0], -1).amax(dim=1).reshape(-1, 1, 1, 1)
+        unc_vis = torch.where(peak > 0, unc / peak.clamp(min=1e-12), torch.zeros_like(unc)).clamp(0, 1)
+        return (bchw_to_image(vis), {"task": task, "data": data},
+                bchw_to_image(unc_vis), {"task": "uncertainty", "of": task, "data": unc})
 
 
 class JDDepthColorize:
@@ -183,8 +210,8 @@ class JDSaveRawPrediction:
     OUTPUT_NODE = True
     FUNCTION = "save"
     CATEGORY = SUB
-    DESCRIPTION = ("16-bit PNG (depth: grey value·65535; normals: RGB (n+1)/2·65535) and/or float32 .npy "
-                   "([H,W] depth or [H,W,3] normals).")
+    DESCRIPTION = ("16-bit PNG (depth / uncertainty: grey value·65535, clipped to [0,1]; normals: RGB "
+                   "(n+1)/2·65535) and/or float32 .npy ([H,W] depth / uncertainty or [H,W,3] normals).")
 
     def save(self, raw, filename_prefix, format):
         data = raw["data"]
@@ -198,7 +225,7 @@ class JDSaveRawPrediction:
             x = data[b]
             base = V.unique_stem(full, stem, (".png", ".npy"))
             if "png16" in format:
-                V.write_png16(base + ".png", V.to_uint16(x if raw["task"] == "depth" else (x + 1) / 2))
+                V.write_png16(base + ".png", V.to_uint16((x + 1) / 2 if raw["task"] == "normals" else x))
                 results.append({"filename": os.path.basename(base) + ".png", "subfolder": sub, "type": "output"})
             if "npy" in format:
                 p = base + ".npy"

@@ -20,7 +20,8 @@ import torch
 
 from .. import metrics as M
 from ..pairs import PairFolder
-from ..predictor import NORMALISATIONS, PREDICTOR_SPACINGS, DTYPES, DepthNormalPredictor, load_predictor
+from ..predictor import (DTYPES, INITS, NORMALISATIONS, PREPROCESSINGS, SPACING_CHOICES, DepthNormalPredictor,
+                         load_predictor)
 
 
 def evaluate(predictor: DepthNormalPredictor, data: PairFolder, *, min_depth: float = 1e-3,
@@ -56,11 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "scheduler/)")
     ap.add_argument("--data", required=True, help="folder with rgb/ and depth/ or normals/ (see jointcore.pairs)")
     ap.add_argument("--task", choices=("depth", "normals"), required=True)
-    ap.add_argument("--processing-resolution", type=int, default=768, help="long edge; 0 = native")
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--processing-resolution", type=int, default=768,
+                    help="long edge; 0 = native; -1 = the checkpoint's default")
+    ap.add_argument("--steps", type=int, default=1, help="0 = the checkpoint's default")
     ap.add_argument("--ensemble-size", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--spacing", choices=PREDICTOR_SPACINGS, default="trailing")
+    ap.add_argument("--spacing", choices=SPACING_CHOICES, default="trailing",
+                    help="auto = the checkpoint scheduler's timestep_spacing")
+    ap.add_argument("--preprocessing", choices=PREPROCESSINGS, default="official",
+                    help="official: the E2E-FT code's pre/post-processing and ensembling; diffusers: diffusers' "
+                         "Marigold pipelines'")
+    ap.add_argument("--init", choices=INITS, default="zeros", help="initial target latent (gaussian for ensembles)")
     ap.add_argument("--normalisation", choices=NORMALISATIONS, default="per_image")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    flip_normals_x=args.flip_normals_x, flip_normals_y=args.flip_normals_y,
                    processing_resolution=args.processing_resolution, steps=args.steps,
                    ensemble_size=args.ensemble_size, seed=args.seed, spacing=args.spacing,
-                   normalisation=args.normalisation)
+                   normalisation=args.normalisation, preprocessing=args.preprocessing, init=args.init)
     print(json.dumps({"task": res["task"], "images": res["images"], **res["summary"]}, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -244,3 +244,26 @@ def test_half_precision_on_cpu():
             unet = unet.float()
     assert jh.dtype == dtype and out.dtype == torch.float32  # returned in the latents' dtype
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+
+
+def test_forward_up_consumes_its_context_and_never_mutates_tensors():
+    """A context can drive one up path only: reusing it raises (it used to add the exchange tensors into the
+    skips in place, so a second use silently added them twice), and tensors the caller still holds are unchanged."""
+    jn = JointNet.from_unet(tiny_unet())
+    _randomise_exchange(jn)
+    x, e = _inputs(seed=3)
+    with torch.no_grad():
+        full = jn(x, T, e)
+        ex_s_rgb, ex_m_rgb, ctx_rgb = jn.rgb.forward_down_mid(x[:, :4], T, e, x[:, 4:])
+        ex_s_dense, ex_m_dense, _ = jn.dense.forward_down_mid(x[:, 4:], T, e, x[:, :4])
+        held_skips, held_mid = ctx_rgb["skips"], ctx_rgb["sample"]
+        before = [s.clone() for s in held_skips], held_mid.clone()
+        eps_rgb = jn.rgb.forward_up(ctx_rgb, ex_s_dense, ex_m_dense)
+        assert torch.equal(eps_rgb, full[:, :4])
+        assert all(torch.equal(a, b) for a, b in zip(held_skips, before[0])) and torch.equal(held_mid, before[1])
+        with pytest.raises(RuntimeError, match="already used"):
+            jn.rgb.forward_up(ctx_rgb, ex_s_dense, ex_m_dense)
+    with torch.enable_grad():  # with autograd on, the same numbers
+        _, _, ctx = jn.rgb.forward_down_mid(x[:, :4], T, e, x[:, 4:])
+        torch.testing.assert_close(jn.rgb.forward_up(ctx, ex_s_dense, ex_m_dense).detach(), full[:, :4],
+                                   atol=1e-6, rtol=0)

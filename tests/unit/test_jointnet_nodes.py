@@ -120,6 +120,10 @@ def test_panorama_node_equals_jointcore_tiled_sample(mod, tmp_path):
     torch.testing.assert_close(pano["samples"], ref / 0.18215, rtol=1e-4, atol=1e-4)
     (refined,) = node.sample(bundle, pos, neg, pano, "jointnet", 5, 10, 4.0, 64, 0, True, 2, 0.4)
     assert len(mod._calls) - n0 == 3 + 4  # 40 % of 10 steps
+    # the boundary width is an input (default 64 px = 8 latents, the official value)
+    assert node.INPUT_TYPES()["optional"]["boundary"][1]["default"] == 64
+    (narrow,) = node.sample(bundle, pos, neg, pano, "jointnet", 5, 10, 4.0, 64, 0, True, 2, 0.4, boundary=16)
+    assert (narrow["samples"] - refined["samples"]).abs().max() > 1e-4
     assert 0 < (refined["samples"] - pano["samples"]).abs().mean() < (pano["samples"] - empty["samples"]).abs().mean()
     jn = JointNet.from_unet(tiny_unet(), has_masked_latent_input=True)
     jn.save_pretrained(tmp_path / "models" / "jointnet" / "tiny_inpaint")

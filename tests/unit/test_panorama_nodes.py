@@ -99,6 +99,18 @@ def test_sampler_node_presets_and_errors(mod):
     (s,) = node.get_sampler("jointnet", 512, 0, True, 8, 0.0)
     c = s.options["config"]
     assert (c.window, c.stride, c.boundary, c.whole_image_weight, c.random_offset) == (64, 32, 8, 5.0, True)
+    # the boundary is its own input (official 8 latents = 64 px), not derived from the window
+    assert node.INPUT_TYPES()["optional"]["boundary"][1]["default"] == 64
+    (s,) = node.get_sampler("jointnet", 1024, 0, True, 8, 0.0)
+    assert (s.options["config"].window, s.options["config"].boundary) == (128, 8)
+    (s,) = node.get_sampler("jointnet", 512, 0, True, 8, 0.0, boundary=128)
+    assert s.options["config"].boundary == 16
+    (s,) = node.get_sampler("jointnet", 512, 0, True, 8, 0.0, boundary=0)
+    assert s.options["config"].boundary == 0
+    (s,) = node.get_sampler("multidiffusion", 512, 0, True, 8, 0.0, boundary=128)
+    assert s.options["config"].boundary == 0  # uniform weights for the other methods
+    with pytest.raises(ValueError, match="boundary 12 px"):
+        node.get_sampler("jointnet", 512, 0, True, 8, 0.0, boundary=12)
     (s,) = node.get_sampler("syncdiffusion", 512, 0, False, 1, 0.0, vae=FakeVAE())
     c = s.options["config"]
     assert (c.stride, c.sync_weight, c.sync_decay, c.sync_thres) == (16, 20.0, 0.95, 50)

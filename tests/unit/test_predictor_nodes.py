@@ -33,13 +33,19 @@ def test_nodes_end_to_end(comfy_stubs):
 
     img = synthetic_images(2, 37, 29).permute(0, 2, 3, 1)  # ComfyUI IMAGE [B,H,W,C]
     node = mod.JDDepthNormalPredict()
-    image, raw = node.predict(pred, img, "depth", 0, 2, 2, 0, "trailing", "per_image")
+    image, raw, unc, unc_raw = node.predict(pred, img, "depth", 0, 2, 2, 0, "trailing", "per_image")
     assert image.shape == (2, 37, 29, 3) and torch.equal(image[..., 0], image[..., 2])
+    # defaults: official preprocessing, zero init → two identical members, zero uncertainty
+    assert unc.shape == (2, 37, 29, 3) and unc.abs().max() == 0 and unc_raw["task"] == "uncertainty"
     assert raw["task"] == "depth" and raw["data"].shape == (2, 1, 37, 29)
     torch.testing.assert_close(image[..., 0], raw["data"][:, 0])
     assert state.bar_updates == 4  # steps × ensemble
-    nimg, nraw = node.predict(pred, img, "normals", 0, 1, 1, 0, "trailing", "per_image")
-    torch.testing.assert_close(nraw["data"].norm(dim=1), torch.ones(2, 37, 29), atol=1e-3, rtol=0)  # n/(|n|+1e-5)
+    nimg, nraw, _, _ = node.predict(pred, img, "normals", 0, 1, 1, 0, "trailing", "per_image")
+    # official: n/(|n|+1e-5), antialiased resize back without renormalising (37×29 → 32×24 decode → 37×29)
+    lengths = nraw["data"].norm(dim=1)
+    assert lengths.max() <= 1 + 1e-6 and lengths.min() < 0.9
+    _, draw, _, _ = node.predict(pred, img, "normals", 0, 1, 1, 0, "trailing", "per_image", "median", "diffusers")
+    torch.testing.assert_close(draw["data"].norm(dim=1), torch.ones(2, 37, 29), atol=1e-5, rtol=0)  # renormalised
     torch.testing.assert_close(nimg, ((nraw["data"] + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1))
 
     # interruption from ComfyUI stops the run
@@ -74,6 +80,48 @@ def test_nodes_end_to_end(comfy_stubs):
     assert np.load(tmp / "output" / "n_00001.npy").shape == (37, 29, 3)
     with pytest.raises(ValueError, match="outside"):
         saver.save(raw, "../escape", "npy")
+
+
+def test_predict_node_options_and_uncertainty(comfy_stubs):
+    """preprocessing / init / reductions reach the library; the uncertainty outputs; checkpoint defaults."""
+    import json
+    from jointcore.predictor import load_predictor
+    mod, state, tmp = comfy_stubs
+    folder = tmp / "models" / "jointdiffusion_predictors" / "tiny"
+    make_checkpoint(str(folder))
+    with open(folder / "model_index.json") as f:
+        mi = json.load(f)
+    mi.update(default_denoising_steps=2, default_processing_resolution=24)
+    with open(folder / "model_index.json", "w") as f:
+        json.dump(mi, f)
+    (pred,) = mod.JDPredictorLoader().load("tiny", "fp32", True)
+    it = mod.JDDepthNormalPredict.INPUT_TYPES()
+    assert it["optional"]["preprocessing"][1]["default"] == "official" and it["optional"]["init"][0] == ["zeros",
+                                                                                                        "gaussian"]
+    assert "auto" in it["required"]["spacing"][0] and it["required"]["steps"][1]["min"] == 0
+    assert it["required"]["processing_resolution"][1]["min"] == -1
+    img = synthetic_images(1, 30, 26, seed=2)
+    ref = load_predictor(str(folder))
+    node = mod.JDDepthNormalPredict()
+    bars = state.bar_updates
+    image, raw, unc, unc_raw = node.predict(pred, img.permute(0, 2, 3, 1), "depth", -1, 0, 3, 5, "auto", "per_image",
+                                            "mean", "diffusers", "gaussian", "closest")
+    assert state.bar_updates - bars == 2 * 3  # the checkpoint's 2 steps × 3 members
+    want = ref.predict(img, "depth", processing_resolution=24, steps=2, ensemble_size=3, seed=5, reduction="mean",
+                       preprocessing="diffusers", init="gaussian")
+    torch.testing.assert_close(raw["data"], want.prediction, atol=0, rtol=0)
+    torch.testing.assert_close(unc_raw["data"], want.uncertainty, atol=0, rtol=0)
+    assert unc_raw["of"] == "depth" and unc_raw["data"].max() > 0
+    peak = unc_raw["data"].amax()
+    torch.testing.assert_close(unc[..., 0], unc_raw["data"][:, 0] / peak)  # IMAGE: scaled to the maximum
+    _, nraw, nunc, nunc_raw = node.predict(pred, img.permute(0, 2, 3, 1), "normals", 0, 1, 3, 5, "trailing",
+                                           "per_image", "median", "official", "gaussian", "mean")
+    want = ref.predict(img, "normals", processing_resolution=0, ensemble_size=3, seed=5, reduction="mean",
+                       init="gaussian")
+    torch.testing.assert_close(nraw["data"], want.prediction, atol=0, rtol=0)
+    assert 0 < nunc_raw["data"].max() <= 1 and nunc.shape == (1, 30, 26, 3)
+    saved = mod.JDSaveRawPrediction().save(unc_raw, "u", "png16")  # uncertainty: grey like depth
+    assert saved["ui"]["images"][0]["filename"] == "u_00001.png"
 
 
 def _read_png16_rgb(path):

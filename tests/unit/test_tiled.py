@@ -441,3 +441,100 @@ def test_sync_step_falls_back_when_the_model_modifies_activations_in_place():
     # a model without in-place updates still gets the exact gradient (differs from the approximation)
     exact = sync_view_update(den, x, t, cond, anchor, decode, perc, weight=5.0)
     assert not torch.allclose(exact, after, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the official JointNet panorama loop (apple/ml-jointnet, jointnetpano_pipeline.py), written out
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def official_jointnet_pano(unet, emb, latents, steps, offsets, stride, boundary, view_batch, strength=5.0,
+                           until=0.4, shift_whole=True):
+    """The official tile loop with circular padding and the given per-step ``w_offset`` (its
+    ``np.random.randint(stride)``): window = latent height, views ``k·stride + w_offset`` for ``k < W // stride``,
+    the whole-image view (also shifted by ``w_offset``; ``shift_whole=False`` keeps it at 0, the pack's old
+    behaviour) with uniform weight ``strength`` while ``i <= int(steps·until)``, linear boundary weights along x,
+    diffusers' DDIM step per view batch, ``value / count``."""
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    sched.set_timesteps(steps)
+    B, C, H, W = latents.shape
+    views = [(k * stride, k * stride + H) for k in range(W // stride)]
+    batches = [views[i:i + view_batch] for i in range(0, len(views), view_batch)] + [[(0, W)]]
+    pos = torch.arange(H, dtype=latents.dtype) + 0.5
+    ramp = ((H / 2 - (pos - H / 2).abs()).clamp(0, boundary) / boundary)[None, None, None, :].repeat(B, C, H, 1)
+    x = latents.clone()
+    for i, t in enumerate(sched.timesteps):
+        value, count = torch.zeros_like(x), torch.zeros_like(x)
+        off = offsets[i]
+        for batch in batches:
+            whole = batch[-1] == (0, W)
+            if whole and i > int(steps * until):
+                continue
+            shift = off if (shift_whole or not whole) else 0
+            crops = []
+            for a, b in batch:
+                a, b = a + shift, b + shift
+                crops.append(torch.cat([x[..., a:], x[..., :b - W]], -1) if b > W else x[..., a:b])
+            xin = torch.cat(crops)
+            eps = unet(xin, t, encoder_hidden_states=emb.repeat(len(batch), 1, 1)).sample
+            den = sched.step(eps, t, xin).prev_sample
+            for d, (a, b) in zip(den.chunk(len(batch)), batch):
+                a, b = a + shift, b + shift
+                w = torch.full_like(d, strength) if whole else ramp
+                if b > W:
+                    value[..., a:] += (d * w)[..., :W - a]
+                    value[..., :b - W] += (d * w)[..., W - a:]
+                    count[..., a:] += w[..., :W - a]
+                    count[..., :b - W] += w[..., W - a:]
+                else:
+                    value[..., a:b] += d * w
+                    count[..., a:b] += w
+        x = torch.where(count > 0, value / count, value)
+    return x, [int(t) for t in sched.timesteps], sched
+
+
+def test_jointnet_panorama_with_given_offsets_equals_the_official_loop():
+    """Circular RGBD-style panorama with explicit per-step offsets: the whole-image view follows the offset."""
+    unet = tiny_unet()
+    torch.manual_seed(5)
+    emb = torch.randn(1, 5, 32)
+    lat = torch.randn(1, 4, 8, 32)
+    steps, offsets = 5, [3, 1, 2, 0, 3]
+    ref, ts, sched = official_jointnet_pano(unet, emb, lat, steps, offsets, stride=4, boundary=2, view_batch=3)
+    den = DiffusersUNetDenoiser.from_scheduler(unet, sched)
+    stats = TiledStats()
+    out = tiled_sample(den, lat.clone(), ts, TextConditioning(emb),
+                       TiledConfig.jointnet(window=8, stride=4, view_batch=3, boundary=2),
+                       prev_timesteps=diffusers_prev_timesteps(ts), final_alpha_cumprod=float(sched.alphas_cumprod[0]),
+                       offsets=offsets, stats=stats)
+    assert stats.whole_evals == 3  # i <= int(5·0.4) = 2
+    err = (out - ref).abs().max().item()
+    assert err < 1e-4 * ref.abs().max().item(), err
+    # the test can tell: the whole view at offset 0 (the old behaviour) gives another panorama
+    unshifted, _, _ = official_jointnet_pano(unet, emb, lat, steps, offsets, 4, 2, 3, shift_whole=False)
+    assert (unshifted - ref).abs().max() > 100 * err
+    # (oy, ox) pairs work the same; the random draws are not used
+    pairs = tiled_sample(den, lat.clone(), ts, TextConditioning(emb),
+                         TiledConfig.jointnet(window=8, stride=4, view_batch=3, boundary=2),
+                         prev_timesteps=diffusers_prev_timesteps(ts), final_alpha_cumprod=float(sched.alphas_cumprod[0]),
+                         offsets=[(0, o) for o in offsets], generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(pairs, out, atol=0, rtol=0)
+
+
+def test_offsets_are_validated_and_a_narrow_circular_panorama_warns(caplog):
+    den = PointwiseDenoiser()
+    ts = ddim_timesteps(3, "leading", steps_offset=1)
+    x = torch.randn(1, 4, 8, 24)
+    cfg = TiledConfig.jointnet(window=8, stride=4, view_batch=2, boundary=2)
+    with pytest.raises(ValueError, match="one entry per step"):
+        tiled_sample(den, x, ts, None, cfg, offsets=[0, 1])
+    with pytest.raises(ValueError, match="stride"):
+        tiled_sample(den, x, ts, None, cfg, offsets=[0, 4, 1])
+    with caplog.at_level("WARNING", logger="jointdiffusion"):
+        tiled_sample(den, x, ts, None, cfg, offsets=[0, 3, 1])
+    assert "circular" not in caplog.text
+    with caplog.at_level("WARNING", logger="jointdiffusion"):
+        tiled_sample(den, x[..., :8], ts, None, cfg)  # 8 latents wide, window 8: nothing can wrap
+    assert "'circular' has no effect" in caplog.text and "8 latents wide" in caplog.text
