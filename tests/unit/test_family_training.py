@@ -208,3 +208,28 @@ def test_pack_encoders_accept_the_taesd_family_vae():
     dep = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(encode_depth(vae, dep), vae.encode(dep.expand(-1, 3, -1, -1) * 2 - 1).latents)
+
+
+def test_predictor_folder_with_the_taesd_vae_loads_predicts_and_fine_tunes(tmp_path):
+    """The family's predictors are Marigold-layout folders whose vae/ is an AutoencoderTiny: the loader picks
+    the class from the config, predicts, and the E2E-FT CLI trains on the world's pair layout."""
+    from predictor_ckpt import save_checkpoint, tiny_components
+
+    from jointcore import train_e2e
+    from jointcore.data import world as W
+    from jointcore.predictor import load_predictor
+
+    unet, _vae, te, tok, sched = tiny_components(str(tmp_path))
+    folder = save_checkpoint(str(tmp_path / "pred"), (unet, V.build_model(), te, tok, sched))
+    pred = load_predictor(folder, dtype="fp32")
+    assert type(pred.vae).__name__ == "AutoencoderTiny"
+    img = torch.rand(1, 3, 32, 32)
+    out = pred.predict(img, "depth", processing_resolution=0, steps=1)
+    assert out.prediction.shape == (1, 1, 32, 32) and torch.isfinite(out.prediction).all()
+    W.write_dataset(str(tmp_path / "w"), range(4), 32, supersample=1)
+    r = train_e2e.train(train_e2e.build_parser().parse_args(
+        ["--checkpoint", folder, "--data", str(tmp_path / "w"), "--task", "depth", "--output", str(tmp_path / "ft"),
+         "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--height", "32", "--width", "32", "--cpu"]),
+        log=lambda *_: None)
+    assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])
+    assert type(load_predictor(str(tmp_path / "ft")).vae).__name__ == "AutoencoderTiny"
