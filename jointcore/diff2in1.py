@@ -23,6 +23,8 @@ Dataset folders (read by the CLIs and :func:`load_pair_folder`; written by :func
                                             normals       .npy float [H,W,3] or [3,H,W]; .png RGB (n = 2·rgb − 1)
                                             segmentation  .npy int [H,W];  .png 8-bit class indices (255 = ignore)
       captions/<stem>.txt                 optional caption (data creation conditions on it; else empty prompt)
+      (without labels/, a depth/ or normals/ folder named after the task is read instead: the procedural
+      world's layout, metric depth .npy in metres and camera-frame normals .npy)
       diff2in1_pairs.json                 only in created folders: {"format": "jointdiffusion.diff2in1.pairs",
                                           "version": 1, "task", "num_classes", "T", "steps", "items": [{"name",
                                           "image", "label", "source", "caption"}]}
@@ -537,6 +539,8 @@ def load_pair_folder(folder: str, task: str, require_labels: bool = True) -> lis
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data folder {folder!r} does not exist")
     img_dir, lab_dir, cap_dir = (os.path.join(folder, d) for d in ("images", "labels", "captions"))
+    if not os.path.isdir(lab_dir) and task in ("depth", "normals") and os.path.isdir(os.path.join(folder, task)):
+        lab_dir = os.path.join(folder, task)
     if not os.path.isdir(img_dir):
         raise ValueError(f"data folder {folder!r} has no images/ sub-folder; expected <folder>/images/<stem>.png "
                          "and <folder>/labels/<stem>.npy|png")

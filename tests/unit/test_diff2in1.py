@@ -244,3 +244,15 @@ def test_cli_rejects_malformed_data_folders(cmd, tmp_path, tiny_model):
         os.remove(os.path.join(created, D.MANIFEST))
         with pytest.raises(SystemExit, match="not a created-pairs folder"):
             cli([*base, "--data", ok])
+
+
+def test_pair_folder_reads_the_world_layout_without_labels(tmp_path):
+    from jointcore.data import world as W
+
+    W.write_dataset(str(tmp_path / "w"), range(3), 32, supersample=1)
+    items = D.load_pair_folder(str(tmp_path / "w"), "depth")
+    assert len(items) == 3 and items[0].label.shape[-2:] == (32, 32)
+    assert torch.isfinite(items[0].label).all() and (items[0].label > 0.3).all()  # metres, inside a room
+    normals = D.load_pair_folder(str(tmp_path / "w"), "normals")
+    assert normals[1].label.shape == (3, 32, 32)
+    assert torch.allclose(normals[1].label.norm(dim=0), torch.ones(32, 32), atol=1e-4)
