@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from jointcore.metrics import lstsq_scale_shift
 from jointcore.pairs import PairFolder
 from jointcore.predictor import DepthNormalPredictor, load_predictor, resize_bilinear
+from jointcore.training.common import run_cli
 
 E2E_TIMESTEP = 999
 
@@ -266,12 +267,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(args))
 
 
 if __name__ == "__main__":

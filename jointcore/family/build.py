@@ -248,13 +248,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--launcher", choices=("python", "accelerate"), default="python")
     ap.add_argument("--tokenizer", default=None, help="CLIP-L tokenizer folder (default: ComfyUI's sd1_tokenizer)")
     a = ap.parse_args(argv)
+    from jointcore.training.common import run_cli
+
     b = Builder(Path(a.cache) if a.cache else default_cache(), a.launcher, a.tokenizer)
-    try:
-        b.build([s for s in a.stages.split(",") if s], [s for s in a.force.split(",") if s])
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: b.build([s for s in a.stages.split(",") if s], [s for s in a.force.split(",") if s]))
 
 
 if __name__ == "__main__":

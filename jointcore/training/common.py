@@ -3,13 +3,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def run_cli(fn: Callable[[], object]) -> int:
+    """Run a CLI body; a user error (missing file, bad value) becomes ``error: …`` on stderr and exit code 2."""
+    try:
+        fn()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def list_images(folder: str) -> list[str]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from jointcore import schedules as S
 from jointcore.train_e2e import lr_factor
-from jointcore.training.common import EMA, LossLog, list_images, load_images_uint8
+from jointcore.training.common import EMA, LossLog, list_images, load_images_uint8, run_cli
 
 CAPTION_DROP_TOKEN = ""
 
@@ -253,12 +253,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(args))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from jointcore.train_e2e import lr_factor
-from jointcore.training.common import LossLog, list_images, load_images_uint8, psnr
+from jointcore.training.common import LossLog, list_images, load_images_uint8, psnr, run_cli
 
 
 def build_model():
@@ -180,12 +180,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(args))
 
 
 if __name__ == "__main__":
