@@ -210,23 +210,17 @@ def load_predictor(path: str, dtype: Union[str, torch.dtype] = "fp32", device: U
         device: where to put the models.
         vae_dtype: dtype of the VAE (default: ``dtype``; ``"fp32"`` avoids fp16 VAE overflow).
     """
-    from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .models.sd_folder import vae_class_name
+    from .models.sd_folder import vae_class
 
     info = check_checkpoint_folder(path)
     dt = resolve_dtype(dtype)
     vdt = resolve_dtype(vae_dtype) if vae_dtype is not None else dt
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt,
                                                 **_load_kwargs(info["unet"], dt))
-    vae_cls = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}.get(
-        vae_class_name(os.path.join(path, "vae")))
-    if vae_cls is None:
-        raise ValueError(f"{os.path.join(path, 'vae', 'config.json')}: VAE class "
-                         f"{vae_class_name(os.path.join(path, 'vae'))!r} is not supported (AutoencoderKL or "
-                         f"AutoencoderTiny)")
-    vae = vae_cls.from_pretrained(path, subfolder="vae", torch_dtype=vdt, **_load_kwargs(info["vae"], vdt))
+    vae = vae_class(os.path.join(path, "vae")).from_pretrained(path, subfolder="vae", torch_dtype=vdt, **_load_kwargs(info["vae"], vdt))
     te_kw = _load_kwargs(info["text_encoder"], dt)
     text_encoder = CLIPTextModel.from_pretrained(info["text_encoder"].folder, **te_kw).to(dt)
     tokenizer = CLIPTokenizer.from_pretrained(info["tokenizer"])

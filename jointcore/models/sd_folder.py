@@ -23,15 +23,20 @@ def vae_class_name(folder: str) -> str:
         raise ValueError(f"{cfg}: not valid JSON ({e})") from None
 
 
-def load_vae(folder: str, dtype: torch.dtype = torch.float32):
-    """The diffusers VAE in ``folder`` (``AutoencoderKL`` or ``AutoencoderTiny``, by its config), in eval mode."""
+def vae_class(folder: str):
+    """The diffusers class (``AutoencoderKL`` or ``AutoencoderTiny``) that ``folder/config.json`` names."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     name = vae_class_name(folder)
     klass = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}.get(name)
     if klass is None:
         raise ValueError(f"{folder}/config.json: VAE class {name!r} is not supported (AutoencoderKL or AutoencoderTiny)")
-    return klass.from_pretrained(folder, torch_dtype=dtype).eval()
+    return klass
+
+
+def load_vae(folder: str, dtype: torch.dtype = torch.float32):
+    """The diffusers VAE in ``folder`` (``AutoencoderKL`` or ``AutoencoderTiny``, by its config), in eval mode."""
+    return vae_class(folder).from_pretrained(folder, torch_dtype=dtype).eval()
 
 
 def encode_unscaled(vae, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
