@@ -22,6 +22,13 @@ Run::
 
 Paper settings: lr 3e-5, warm-up 100, batch 2 × accumulation 16, 20k steps, random horizontal flip.
 The data folder layout is :mod:`jointcore.pairs`.
+
+``--objective marigold`` trains the same 8-channel UNet the way Marigold (Ke et al. 2024) does, as a
+conditional diffusion model — the model E2E-FT then fine-tunes: the target (depth normalised per image to
+``[−1,1]`` between its 2nd and 98th percentiles and repeated to 3 channels, or the normals) is encoded by the
+frozen VAE, noised at a uniform random timestep with multi-resolution noise (strength 0.9, annealed by
+``t/T``), and the UNet, given ``[rgb latent, noisy target latent]``, is trained by MSE on the scheduler's
+prediction type (v) over latents whose 8×8 patch is fully valid.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ import torch.nn.functional as F
 from jointcore.metrics import lstsq_scale_shift
 from jointcore.pairs import PairFolder
 from jointcore.predictor import DepthNormalPredictor, load_predictor, resize_bilinear
-from jointcore.training.common import run_cli
+from jointcore.training.common import LossLog, run_cli
 
 E2E_TIMESTEP = 999
 
@@ -147,6 +154,66 @@ def e2e_forward(pred: DepthNormalPredictor, rgb: torch.Tensor, task: str, text_e
     return (y / (y.norm(p=2, dim=1, keepdim=True) + 1e-5)).clamp(-1, 1)
 
 
+def multi_res_noise(shape: tuple, strength: torch.Tensor, generator: Optional[torch.Generator] = None,
+                    device=None) -> torch.Tensor:
+    """Marigold's multi-resolution ("pyramid") noise: a full-resolution Gaussian plus Gaussians drawn at sizes
+    shrinking by a random factor in [2, 4) per level, bilinearly upsampled and weighted ``strength^i``,
+    then the whole tensor rescaled to unit standard deviation. ``strength`` ``[B]`` (annealed per sample)."""
+    b, c, h, w = shape
+    s = strength.reshape(-1, 1, 1, 1).to(device)
+    noise = torch.randn(shape, generator=generator, device=device)
+    for i in range(10):
+        r = torch.rand(1, generator=generator, device=device).item() * 2 + 2
+        hh, ww = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        noise = noise + F.interpolate(torch.randn(b, c, hh, ww, generator=generator, device=device), size=(h, w),
+                                      mode="bilinear") * s ** i
+        if hh == 1 or ww == 1:
+            break
+    return noise / noise.std()
+
+
+def percentile_normalise(depth: torch.Tensor, mask: torch.Tensor, low: float = 0.02, high: float = 0.98
+                         ) -> torch.Tensor:
+    """Marigold's affine-invariant depth target: per image, ``[p_low, p_high]`` of the valid depth → ``[−1,1]``,
+    clipped. ``depth``, ``mask`` ``[B,1,H,W]``."""
+    out = torch.zeros_like(depth, dtype=torch.float32)
+    for i in range(depth.shape[0]):
+        v = depth[i][mask[i].bool()].float()
+        if v.numel() == 0:
+            continue
+        lo, hi = torch.quantile(v, low), torch.quantile(v, high)
+        out[i] = ((depth[i].float() - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1).clamp(-1, 1)
+    return out
+
+
+def marigold_loss(pred: DepthNormalPredictor, batch: dict, task: str, text_embedding: torch.Tensor,
+                  generator: Optional[torch.Generator] = None, noise_strength: float = 0.9) -> torch.Tensor:
+    """One Marigold diffusion-training loss on a batch (see the module notes)."""
+    rgb, tgt, mask = (batch[k].to(pred.device) for k in ("rgb", "target", "mask"))
+    with torch.no_grad():
+        rgb_latent = pred.encode_rgb(rgb * 2 - 1).float()
+        if task == "depth":
+            img = percentile_normalise(tgt, mask).repeat(1, 3, 1, 1)
+        else:
+            img = tgt.float().clamp(-1, 1)
+        x0 = pred.encode_rgb(img).float()
+        valid = -F.max_pool2d(-mask.float(), kernel_size=8) > 0.5  # latent cells whose 8×8 patch is valid
+    b = x0.shape[0]
+    T = pred.num_train_timesteps
+    t = torch.randint(0, T, (b,), generator=generator).to(pred.device)
+    noise = multi_res_noise(tuple(x0.shape), noise_strength * t.float() / T, generator, device=pred.device)
+    a = pred.alphas_cumprod.to(pred.device)[t].float().reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    emb = text_embedding.to(device=pred.device, dtype=pred.dtype).repeat(b, 1, 1)
+    out = pred.unet(torch.cat([rgb_latent, x_t], 1).to(pred.dtype), t, encoder_hidden_states=emb).sample.float()
+    kind = pred.prediction_type
+    target = {"v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0, "epsilon": noise, "sample": x0}[kind]
+    err = ((out - target) ** 2).mean(1, keepdim=True)
+    if not valid.any():
+        return err.sum() * 0.0
+    return err[valid].mean()
+
+
 def task_loss(out: torch.Tensor, batch: dict, task: str) -> torch.Tensor:
     if task == "depth":
         return ssi_l1_loss(out, batch["target"].to(out.device), batch["mask"].to(out.device))
@@ -164,13 +231,22 @@ def dataset_loss(pred: DepthNormalPredictor, dataset: E2EDataset, task: str, pad
     return sum(losses) / len(losses)
 
 
-def save_predictor(pred: DepthNormalPredictor, unet, output: str, task: str) -> str:
-    """Write the diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+def save_predictor(pred: DepthNormalPredictor, unet, output: str, task: str, steps: int = 1) -> str:
+    """Write the diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+    ``default_denoising_steps`` is ``steps`` (1 after E2E-FT; 4 after Marigold training, as Marigold v1.1);
+    the source's ``default_processing_resolution`` is kept when it has one."""
     from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline
     sched = DDIMScheduler.from_config(pred.scheduler.config, timestep_spacing="trailing")
     cls = MarigoldDepthPipeline if task == "depth" else MarigoldNormalsPipeline
+    kw = {"default_denoising_steps": int(steps)}
+    res = (pred.model_index or {}).get("default_processing_resolution")
+    if res:
+        kw["default_processing_resolution"] = int(res)
+    if task == "depth":
+        kw.update(scale_invariant=True, shift_invariant=True)
     pipe = cls(unet=unet, vae=pred.vae, scheduler=sched, text_encoder=pred.text_encoder, tokenizer=pred.tokenizer,
-               prediction_type=task)
+               prediction_type=task, **kw)
     pipe.save_pretrained(output, safe_serialization=True)
     return output
 
@@ -183,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True, help="pair folder (see jointcore.pairs)")
     ap.add_argument("--task", choices=("depth", "normals"), required=True)
     ap.add_argument("--output", required=True, help="where to save the fine-tuned diffusers folder")
+    ap.add_argument("--objective", choices=("e2e", "marigold"), default="e2e",
+                    help="e2e: one-step task loss through the decoder (E2E-FT); marigold: diffusion training (v-MSE "
+                         "with annealed multi-resolution noise), the model E2E-FT starts from")
     ap.add_argument("--max-steps", type=int, default=20000, help="optimizer steps")
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--warmup-steps", type=int, default=100)
@@ -230,11 +309,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
     unet, opt, dl = acc.prepare(unet, opt, dl)
     pred.unet = unet
     losses, step, running, micro = [], 0, 0.0, 0
+    noise_gen = torch.Generator().manual_seed(args.seed + 1000 * acc.process_index)
+    loss_log = LossLog(os.path.join(args.output, "loss_log.jsonl"), enabled=acc.is_main_process)
     while step < args.max_steps:
         for batch in dl:
             with acc.accumulate(unet):
-                out = e2e_forward(pred, batch["rgb"], args.task, emb)
-                loss = task_loss(out, batch, args.task)
+                if args.objective == "marigold":
+                    loss = marigold_loss(pred, batch, args.task, emb, noise_gen)
+                else:
+                    loss = task_loss(e2e_forward(pred, batch["rgb"], args.task, emb), batch, args.task)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -248,10 +331,10 @@ def train(args: argparse.Namespace, log=print) -> dict:
                 losses.append(running / micro)
                 running, micro = 0.0, 0
                 if acc.is_main_process:
-                    log(f"step {step}/{args.max_steps} loss {losses[-1]:.5f} lr {sched.get_last_lr()[0]:.3e}")
+                    loss_log(step, loss=losses[-1], lr=sched.get_last_lr()[0])
                 if args.save_every and step % args.save_every == 0 and acc.is_main_process:
                     save_predictor(pred, acc.unwrap_model(unet), os.path.join(args.output, f"checkpoint-{step}"),
-                                   args.task)
+                                   args.task, steps=4 if args.objective == "marigold" else 1)
                 if step >= args.max_steps:
                     break
     acc.wait_for_everyone()
@@ -259,7 +342,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         final = acc.unwrap_model(unet)
         final.eval()
         final.requires_grad_(False)
-        save_predictor(pred, final, args.output, args.task)
+        save_predictor(pred, final, args.output, args.task, steps=4 if args.objective == "marigold" else 1)
         log(f"saved {args.output}")
     acc.end_training()
     return {"losses": losses, "output": args.output}

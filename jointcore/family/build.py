@@ -10,14 +10,20 @@ same settings is skipped, so the build can be stopped and continued; ``--force S
 ``vae``         ``jointcore.training.train_taesd`` → ``base/vae`` (TAESD layout)
 ``t2i``         ``jointcore.training.train_t2i`` → ``base/unet`` (SD 1.x-detectable one-level UNet)
 ``checkpoint``  the single-file ComfyUI checkpoint (UNet + CLIP + TAESD, fp16)
-``predictor_depth``, ``predictor_normals``
-                ``jointcore.train_e2e`` (E2E-FT: one step at t = 999, task loss through the frozen decoder) on
-                an 8-channel UNet made from the text-to-image UNet (Marigold's widened ``conv_in``, halved
-                weights), saved in the Marigold / E2E-FT diffusers layout
+``marigold_depth``
+                ``jointcore.train_e2e --objective marigold``: an 8-channel UNet made from the text-to-image
+                UNet (Marigold's widened ``conv_in``, halved weights) trained as Marigold is (diffusion, v-MSE,
+                multi-resolution noise) — the multi-step model the paper starts from
+``predictor_depth``
+                ``jointcore.train_e2e`` (E2E-FT: one step at t = 999, task loss through the frozen decoder) from
+                ``marigold_depth``, saved in the Marigold / E2E-FT diffusers layout
+``predictor_normals``
+                E2E-FT straight from the widened text-to-image UNet
 ``jointnet``    ``jointcore.train_jointnet`` stage 1 (dense branch from the text-to-image UNet, RGB branch
                 frozen; disparity from the world's metric depth)
 ``jointnet_inpaint``
                 stage 3 from ``jointnet``: the masked-latent input for channel-wise inpainting
+``diff2in1``    ``jointcore.train_diff2in1`` warm-up (512 labelled scenes) → create (256 unlabelled) → self-improve
 
 Every training stage runs as its own process (``python -m …``, or ``accelerate launch -m …`` with
 ``--launcher accelerate``), exactly as a user would run the CLI, and keeps its loss log in its folder.
@@ -42,20 +48,29 @@ HELDOUT_SCENES = 256
 IMAGE_SIZE = 64
 VAE_ARGS = ["--max-steps", "2000", "--batch-size", "16", "--lr", "1e-3", "--seed", "0"]
 T2I_ARGS = ["--max-steps", "3000", "--batch-size", "32", "--lr", "2e-4", "--save-every", "250", "--seed", "0"]
-PREDICTOR_ARGS = ["--max-steps", "800", "--batch-size", "16", "--grad-accum", "1", "--lr", "1e-4",
-                  "--warmup-steps", "50", "--height", "64", "--width", "64", "--seed", "0"]
+_PRED_COMMON = ["--batch-size", "16", "--grad-accum", "1", "--height", "64", "--width", "64", "--seed", "0"]
+MARIGOLD_ARGS = ["--objective", "marigold", "--max-steps", "800", "--lr", "2e-4", "--warmup-steps", "50",
+                 *_PRED_COMMON]
+PREDICTOR_ARGS = ["--max-steps", "500", "--lr", "5e-5", "--warmup-steps", "50", *_PRED_COMMON]
+NORMALS_ARGS = ["--max-steps", "600", "--lr", "1e-4", "--warmup-steps", "50", *_PRED_COMMON]
 JOINTNET_ARGS = ["--steps", "1500", "--batch-size", "16", "--lr", "1e-4", "--warmup", "100", "--resolution", "64",
                  "--npy-depth-as", "disparity", "--log-every", "25", "--seed", "0"]
 JOINTNET_INPAINT_ARGS = ["--steps", "500", "--batch-size", "16", "--lr", "2e-5", "--warmup", "50", "--resolution",
                          "64", "--npy-depth-as", "disparity", "--log-every", "25", "--seed", "0"]
-STAGES = ("world", "base", "vae", "t2i", "checkpoint", "predictor_depth", "predictor_normals", "jointnet",
-          "jointnet_inpaint")
+DIFF2IN1_LABELLED, DIFF2IN1_UNLABELLED = 512, 256   # the first train scenes labelled, the next ones unlabelled
+DIFF2IN1_COMMON = ["--resolution", "64", "--batch-size", "8", "--seed", "0", "--log-every", "50"]
+DIFF2IN1_WARMUP_ARGS = ["--task", "depth", "--max-steps", "600", "--lr", "1e-3", *DIFF2IN1_COMMON]
+DIFF2IN1_CREATE_ARGS = ["--T", "600", "--steps", "20", "--per-image", "1", *DIFF2IN1_COMMON]
+DIFF2IN1_IMPROVE_ARGS = ["--max-steps", "300", "--lr", "1e-4", "--synthetic-batch-size", "8", *DIFF2IN1_COMMON]
+STAGES = ("world", "base", "vae", "t2i", "checkpoint", "marigold_depth", "predictor_depth", "predictor_normals",
+          "jointnet", "jointnet_inpaint", "diff2in1")
 # what each stage's result depends on (its own settings and everything upstream)
 UPSTREAM = {"world": (), "base": (), "vae": ("world",), "t2i": ("vae",), "checkpoint": ("t2i",),
-            "predictor_depth": ("t2i",), "predictor_normals": ("t2i",), "jointnet": ("t2i",),
-            "jointnet_inpaint": ("jointnet",)}
-OWN_ARGS = {"vae": VAE_ARGS, "t2i": T2I_ARGS, "predictor_depth": PREDICTOR_ARGS, "predictor_normals": PREDICTOR_ARGS,
-            "jointnet": JOINTNET_ARGS, "jointnet_inpaint": JOINTNET_INPAINT_ARGS}
+            "marigold_depth": ("t2i",), "predictor_depth": ("marigold_depth",), "predictor_normals": ("t2i",),
+            "jointnet": ("t2i",), "jointnet_inpaint": ("jointnet",), "diff2in1": ("t2i",)}
+OWN_ARGS = {"vae": VAE_ARGS, "t2i": T2I_ARGS, "marigold_depth": MARIGOLD_ARGS, "predictor_depth": PREDICTOR_ARGS,
+            "predictor_normals": NORMALS_ARGS, "jointnet": JOINTNET_ARGS, "jointnet_inpaint": JOINTNET_INPAINT_ARGS,
+            "diff2in1": DIFF2IN1_WARMUP_ARGS + DIFF2IN1_CREATE_ARGS + DIFF2IN1_IMPROVE_ARGS}
 CHECKPOINT_NAME = "jointdiffusion_default_sd15.safetensors"
 
 
@@ -168,7 +183,7 @@ class Builder:
         sd15_checkpoint(str(base / "unet"), str(base / "vae"), str(self.path("checkpoint") / CHECKPOINT_NAME),
                         metadata={"what": "jointdiffusion default family, text-to-image", "version": VERSION})
 
-    def _predictor_base(self, task: str) -> Path:
+    def _predictor_base(self, task: str, stage: str) -> Path:
         """An E2E-FT starting point in the Marigold layout: the text-to-image UNet with ``conv_in`` widened to
         ``[rgb latent, target latent]`` (weights duplicated and halved, so the output is unchanged for equal
         halves), v-prediction, trailing DDIM, 1 step by default."""
@@ -177,7 +192,7 @@ class Builder:
                                UNet2DConditionModel)
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        base, out = self.path("base"), self.path(f"predictor_{task}") / "init"
+        base, out = self.path("base"), self.path(stage) / "init"
         unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
         old = unet.conv_in
         new = torch.nn.Conv2d(2 * old.in_channels, old.out_channels, old.kernel_size, padding=old.padding)
@@ -198,17 +213,23 @@ class Builder:
         pipe.save_pretrained(str(out), safe_serialization=True)
         return out
 
-    def _predictor(self, task: str) -> None:
-        init = self._predictor_base(task)
-        out = self.path(f"predictor_{task}") / "model"
+    def _train_predictor(self, init: Path, task: str, stage: str, args: list[str]) -> None:
         self.run_module("jointcore.train_e2e", ["--checkpoint", str(init), "--data", str(self.path("world") / "train"),
-                                               "--task", task, "--output", str(out), *PREDICTOR_ARGS])
+                                               "--task", task, "--output", str(self.path(stage) / "model"), *args])
+
+    def marigold_depth(self) -> None:
+        """Marigold-style diffusion training of the widened UNet: the multi-step model E2E-FT starts from."""
+        self._train_predictor(self._predictor_base("depth", "marigold_depth"), "depth", "marigold_depth",
+                              MARIGOLD_ARGS)
 
     def predictor_depth(self) -> None:
-        self._predictor("depth")
+        """E2E-FT of the Marigold model (the paper's recipe)."""
+        self._train_predictor(self.path("marigold_depth") / "model", "depth", "predictor_depth", PREDICTOR_ARGS)
 
     def predictor_normals(self) -> None:
-        self._predictor("normals")
+        """E2E-FT straight from the text-to-image UNet (the paper also fine-tunes Stable Diffusion directly)."""
+        self._train_predictor(self._predictor_base("normals", "predictor_normals"), "normals", "predictor_normals",
+                              NORMALS_ARGS)
 
     def jointnet(self) -> None:
         self.run_module("jointcore.train_jointnet", ["--pretrained", str(self.path("base")), "--data",
@@ -220,6 +241,39 @@ class Builder:
                         str(self.path("world") / "train"), "--output", str(self.path("jointnet_inpaint") / "model"),
                         "--init-jointnet", str(self.path("jointnet") / "model"), "--stage", "3",
                         *JOINTNET_INPAINT_ARGS])
+
+    def _subset(self, name: str, start: int, count: int, folders: Sequence[str]) -> Path:
+        """A folder of symbolic links to ``count`` train scenes from index ``start`` (sorted names)."""
+        src = self.path("world") / "train"
+        every = sorted(p.stem for p in (src / "images").glob("*.png"))
+        names = every[start:start + count]
+        if len(names) < count:
+            raise ValueError(f"the world's train split has {len(every)} scenes, {len(names)} of them from index "
+                             f"{start}; need {count}")
+        out = self.path("diff2in1") / name
+        shutil.rmtree(out, ignore_errors=True)
+        for sub in folders:
+            (out / sub).mkdir(parents=True)
+            for n in names:
+                f = next((src / sub).glob(n + ".*"))
+                (out / sub / f.name).symlink_to(f.resolve())
+        return out
+
+    def diff2in1(self) -> None:
+        """Diff-2-in-1 depth head on the text-to-image model: warm-up on a small labelled subset, pairs created
+        from unlabelled images, then the self-improving stage; ``warmup/`` and ``model/`` are before/after."""
+        d = self.path("diff2in1")
+        lab = self._subset("labelled", 0, DIFF2IN1_LABELLED, ("images", "depth", "captions"))
+        unl = self._subset("unlabelled", DIFF2IN1_LABELLED, DIFF2IN1_UNLABELLED, ("images", "captions"))
+        base = str(self.path("base"))
+        shutil.rmtree(d / "created", ignore_errors=True)
+        self.run_module("jointcore.train_diff2in1", ["warmup", "--model", base, "--data", str(lab), "--out",
+                                                     str(d / "warmup"), *DIFF2IN1_WARMUP_ARGS])
+        self.run_module("jointcore.train_diff2in1", ["create", "--model", base, "--head", str(d / "warmup"), "--data",
+                                                     str(unl), "--out", str(d / "created"), *DIFF2IN1_CREATE_ARGS])
+        self.run_module("jointcore.train_diff2in1", ["self-improve", "--model", base, "--head", str(d / "warmup"),
+                                                     "--data", str(lab), "--created", str(d / "created"), "--out",
+                                                     str(d / "model"), *DIFF2IN1_IMPROVE_ARGS])
 
     # ---- driver -------------------------------------------------------------------------------------------
     def build(self, stages: Sequence[str], force: Sequence[str] = ()) -> None:

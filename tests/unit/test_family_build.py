@@ -41,3 +41,24 @@ def test_missing_tokenizer_names_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="sd1_tokenizer"):
         B.find_tokenizer()
+
+
+def test_stages_come_after_their_upstream():
+    for s in B.STAGES:
+        assert all(B.STAGES.index(u) < B.STAGES.index(s) for u in B.UPSTREAM[s]), s
+
+
+def test_diff2in1_subsets_link_disjoint_scenes(tmp_path):
+    train = tmp_path / "world" / "train"
+    for sub, ext in (("images", "png"), ("depth", "npy"), ("captions", "txt")):
+        (train / sub).mkdir(parents=True)
+        for i in range(5):
+            (train / sub / f"s{i:03d}.{ext}").write_text(f"{sub}{i}")
+    b = B.Builder(tmp_path, log=lambda *_: None)
+    lab = b._subset("labelled", 0, 3, ("images", "depth"))
+    unl = b._subset("unlabelled", 3, 2, ("images",))
+    assert sorted(p.name for p in (lab / "depth").iterdir()) == ["s000.npy", "s001.npy", "s002.npy"]
+    assert sorted(p.name for p in (unl / "images").iterdir()) == ["s003.png", "s004.png"]
+    assert (unl / "images" / "s003.png").read_text() == "images3" and not (unl / "depth").exists()
+    with pytest.raises(ValueError, match="has 5 scenes, 2 of them from index 3; need 4"):
+        b._subset("unlabelled", 3, 4, ("images",))

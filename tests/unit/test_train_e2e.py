@@ -100,3 +100,58 @@ def test_cli_errors_and_script_entry(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "jointcore", "train_e2e.py"), "--help"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "--grad-accum" in r.stdout
+
+
+def test_multi_res_noise_is_unit_variance_and_low_frequency_with_strength():
+    g = torch.Generator().manual_seed(0)
+    flat = T.multi_res_noise((64, 4, 16, 16), torch.zeros(64), g)
+    pyr = T.multi_res_noise((64, 4, 16, 16), torch.full((64,), 0.9), g)
+    assert abs(flat.std().item() - 1) < 1e-4 and abs(pyr.std().item() - 1) < 1e-4
+
+    def neighbour_corr(x):
+        a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+    assert abs(neighbour_corr(flat)) < 0.03      # strength 0 (t = 0 after annealing): white noise
+    assert neighbour_corr(pyr) > 0.3             # pyramid noise is spatially correlated
+
+
+def test_percentile_normalise_is_affine_invariant_and_ignores_invalid():
+    d = torch.rand(2, 1, 16, 16) * 3 + 1
+    m = torch.ones_like(d, dtype=torch.bool)
+    m[:, :, :2] = False
+    d2 = d.clone()
+    d2[:, :, :2] = 1e6  # invalid pixels do not move the percentiles
+    a, b = T.percentile_normalise(d, m), T.percentile_normalise(5 * d2 + 7, m)
+    assert torch.allclose(a[m], b[m], atol=1e-5)
+    assert a.min() >= -1 and a.max() <= 1
+    v = a[0][m[0]]
+    assert abs((v <= -1 + 1e-6).float().mean().item() - 0.02) < 0.02
+
+
+@pytest.mark.parametrize("task", ["depth", "normals"])
+def test_marigold_objective_trains_and_sets_multistep_default(tmp_path, task):
+    base, _ = make_checkpoint(str(tmp_path / "base"))
+    data = _make_data(tmp_path / "data", task)
+    out = str(tmp_path / "out")
+    pred = load_predictor(base)
+    emb = T.padded_empty_embedding(pred, "max_length")
+    ds = T.E2EDataset(PairFolder(data, task), 32, 32, hflip=False)
+    batch = {k: torch.stack([ds[i][k] for i in range(len(ds))]) for k in ("rgb", "target", "mask")}
+
+    def mean_loss(p):
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            return sum(T.marigold_loss(p, batch, task, emb, g).item() for _ in range(8)) / 8
+
+    before = mean_loss(pred)
+    T.train(T.build_parser().parse_args([
+        "--checkpoint", base, "--data", data, "--task", task, "--output", out, "--objective", "marigold",
+        "--max-steps", "12", "--lr", "3e-3", "--final-lr-ratio", "1", "--warmup-steps", "1", "--batch-size", "4",
+        "--grad-accum", "1", "--height", "32", "--width", "32", "--no-hflip", "--cpu"]), log=lambda *_: None)
+    trained = load_predictor(out)
+    assert mean_loss(trained) < 0.9 * before
+    with open(os.path.join(out, "model_index.json")) as f:
+        assert json.load(f)["default_denoising_steps"] == 4
+    with open(os.path.join(out, "loss_log.jsonl")) as f:
+        assert len(f.readlines()) == 12
