@@ -25,8 +25,8 @@ from jointcore.family import evaluate as E
 class Ctx:
     """What every section needs: the family cache, the held-out scenes, where figures go."""
 
-    def __init__(self, cache: Path, out: Path, scenes: int, seed: int = 0):
-        self.cache, self.out, self.n, self.seed = cache, out, scenes, seed
+    def __init__(self, cache: Path, out: Path, scenes: int, seed: int = 0, pano_count: int = 12):
+        self.cache, self.out, self.n, self.seed, self.pano_count = cache, out, scenes, seed, pano_count
         self.fig_dir = out.parent / out.stem
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         self._heldout = None
@@ -51,6 +51,38 @@ class Ctx:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
         p = self.fig_dir / f"{name}.png"
         im.save(p)
+        return f"{self.fig_dir.name}/{p.name}"
+
+
+    @staticmethod
+    def verdict(ok: Optional[bool]) -> str:
+        return _verdict(ok)
+
+    def bar_plot(self, name: str, labels: Sequence[str], series: dict, ylabel: str, title: str,
+                 target: Optional[float] = None) -> str:
+        """A grouped bar chart (one group per label, one bar per series) as ``fig_dir/name.png``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(labels), 3.6), dpi=100)
+        k = len(series)
+        w = 0.8 / max(k, 1)
+        for j, (sname, vals) in enumerate(series.items()):
+            xs = [i + (j - (k - 1) / 2) * w for i in range(len(labels))]
+            bars = ax.bar(xs, vals, width=w, label=sname)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        if target is not None:
+            ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
+        ax.set_xticks(range(len(labels)), [l.replace(", ", ",\n") for l in labels], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = self.fig_dir / f"{name}.png"
+        fig.savefig(p)
+        plt.close(fig)
         return f"{self.fig_dir.name}/{p.name}"
 
 
@@ -109,17 +141,25 @@ def section_t2i(ctx: Ctx) -> tuple[str, dict]:
     return md, {"samples": m, "ground_truth": gt, "shuffled_captions": shuffled}
 
 
-SECTIONS: dict[str, Callable[[Ctx], tuple[str, dict]]] = {"vae": section_vae, "t2i": section_t2i}
+from jointcore.family.report_dense import section_diff2in1, section_jointnet, section_predictor  # noqa: E402
+from jointcore.family.report_misc import section_mesh, section_mt_restoration  # noqa: E402
+from jointcore.family.report_pano import section_panorama  # noqa: E402
+
+SECTIONS: dict[str, Callable[[Ctx], tuple[str, dict]]] = {
+    "vae": section_vae, "t2i": section_t2i, "predictor": section_predictor, "jointnet": section_jointnet,
+    "diff2in1": section_diff2in1, "panorama": section_panorama, "mt_restoration": section_mt_restoration,
+    "mesh": section_mesh}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jointcore.family.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/quality.md")
     ap.add_argument("--scenes", type=int, default=200, help="held-out scenes per measurement")
+    ap.add_argument("--pano-scenes", type=int, default=12, help="captions per panorama kind (SyncDiffusion is slow)")
     ap.add_argument("--cache", default=None, help="family cache (default: the build's)")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     a = ap.parse_args(argv)
-    ctx = Ctx(Path(a.cache) if a.cache else B.default_cache(), Path(a.out), a.scenes)
+    ctx = Ctx(Path(a.cache) if a.cache else B.default_cache(), Path(a.out), a.scenes, pano_count=a.pano_scenes)
     parts, metrics = [f"# Quality of the default model family\n\nWritten by `python -m jointcore.family.report "
                       f"--scenes {a.scenes}` on {time.strftime('%Y-%m-%d')}; held-out seeds from "
                       f"10⁹ (never trained on).\n"], {}

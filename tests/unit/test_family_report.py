@@ -41,3 +41,48 @@ def test_report_measures_what_is_built_and_says_what_is_not(tmp_path):
     for fig in ("vae_reconstructions.png", "t2i_samples.png"):
         assert (out.parent / "quality" / fig).stat().st_size > 1000
     shutil.rmtree(tmp_path / "fam")
+
+
+def test_every_section_runs_on_tiny_models_of_each_stage(tmp_path):
+    """Predictors (before/after), JointNet (joint + inpaint), Diff-2-in-1 (warm-up/self-improved) and panoramas:
+    each section measures on tiny random models laid out as the build writes them."""
+    from predictor_ckpt import make_checkpoint
+    from tiny import tiny_unet
+
+    from jointcore import diff2in1 as D
+    from jointcore.jointnet import JointNet
+
+    torch.set_num_threads(1)
+    cache = _fake_family(tmp_path / "fam")
+    for stage in ("marigold_depth", "predictor_depth", "predictor_normals"):
+        make_checkpoint(str(cache / stage / "model"), seed=3)
+    JointNet.from_unet(tiny_unet(cross_attention_dim=32)).save_pretrained(str(cache / "jointnet" / "model"))
+    JointNet.from_unet(tiny_unet(cross_attention_dim=32), has_masked_latent_input=True).save_pretrained(
+        str(cache / "jointnet_inpaint" / "model"))
+    ext = D.UNetFeatureExtractor(tiny_unet(cross_attention_dim=32))
+    for sub in ("warmup", "model"):
+        D.save_head(D.TaskHead(D.HeadConfig("depth", list(ext.channels((8, 8), 4)), None, width=8, upscale_steps=1)),
+                    str(cache / "diff2in1" / sub))
+    out = tmp_path / "docs" / "quality.md"
+    assert R.main(["--cache", str(cache), "--out", str(out), "--scenes", "3", "--pano-scenes", "1",
+                   "--sections", "predictor,jointnet,diff2in1,panorama,mt_restoration,mesh"]) == 0
+    text = out.read_text()
+    m = json.loads((out.parent / "quality" / "metrics.json").read_text())
+    assert "Not built yet" not in text
+    for k in ("before (Marigold-trained)", "after E2E-FT"):
+        assert set(m["predictor"][k]) == {"trailing, 1 step", "leading, 1 step", "trailing, 4 steps",
+                                          "trailing, 4 steps, ensemble of 5"}
+        assert all(0 <= v["abs_rel"] < 10 and 0 <= v["delta1"] <= 1 for v in m["predictor"][k].values())
+    assert m["predictor"]["normals"]["trailing, 1 step"]["mean_deg"] > 0
+    assert set(m["jointnet"]) == {"image_to_depth", "predictor", "text_to_rgbd", "depth_to_image"}
+    assert set(m["diff2in1"]) == {"warm-up", "self-improved"}
+    assert set(m["panorama"]["360"]) == {"ground truth", "MultiDiffusion", "SyncDiffusion", "JointNet tiles"}
+    mt = m["mt_restoration"]
+    assert mt["latent_outside_max_abs"] == 0.0  # the known region is kept exactly (in latent space)
+    assert mt["outside"] <= 1.05 * mt["autoencoder_outside"]  # in pixels only the decoder's reach differs
+    assert mt["inside"] > 0
+    assert m["mesh"]["chamfer_m"] > 0 and m["mesh"]["chamfer_flat_m"] > 0
+    assert all(v["seam"] > 0 and v["intra_lpips_alex_random"] > 0 for v in m["panorama"]["360"].values())
+    for fig in ("predictor_depth_absrel.png", "jointnet.png", "diff2in1_absrel.png", "panorama_360.png",
+                "mt_restoration.png"):
+        assert (out.parent / "quality" / fig).stat().st_size > 1000
