@@ -55,7 +55,7 @@ PREDICTOR_ARGS = ["--max-steps", "500", "--lr", "5e-5", "--warmup-steps", "50", 
 NORMALS_ARGS = ["--max-steps", "600", "--lr", "1e-4", "--warmup-steps", "50", *_PRED_COMMON]
 JOINTNET_ARGS = ["--steps", "1000", "--batch-size", "16", "--lr", "1e-4", "--warmup", "100", "--resolution", "64",
                  "--npy-depth-as", "disparity", "--log-every", "25", "--seed", "0"]
-JOINTNET_INPAINT_ARGS = ["--steps", "300", "--batch-size", "16", "--lr", "2e-5", "--warmup", "50", "--resolution",
+JOINTNET_INPAINT_ARGS = ["--steps", "300", "--batch-size", "16", "--lr", "5e-5", "--warmup", "50", "--resolution",
                          "64", "--npy-depth-as", "disparity", "--log-every", "25", "--seed", "0"]
 DIFF2IN1_LABELLED, DIFF2IN1_UNLABELLED = 512, 256   # the first train scenes labelled, the next ones unlabelled
 DIFF2IN1_COMMON = ["--resolution", "64", "--batch-size", "8", "--seed", "0", "--log-every", "50"]
