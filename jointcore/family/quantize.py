@@ -1,0 +1,115 @@
+"""Weight quantisation for shipping the family in the repository (≤ 80 MB in all).
+
+A state dict is stored as a safetensors file whose large matrices are integer codes with scales, and whose
+other tensors (biases, norms, small layers) stay fp16:
+
+* ``int8``  — symmetric per-output-channel: ``w ≈ q · s``, ``q ∈ [−127, 127]`` int8, ``s = max|w_row| / 127``
+  (fp16, one per output channel). 1 byte per weight.
+* ``int4``  — symmetric per group of ``group`` consecutive weights of a row: ``q ∈ [−7, 7]`` stored two per
+  byte (offset by 8), fp16 scale per group. ~0.56 bytes per weight at group 64.
+
+Keys: ``<name>`` holds the codes, ``<name>::scale`` the scales; the file's metadata records each quantised
+tensor's scheme and shape (``jd.quant``), so :func:`load_quantized` restores an ordinary float state dict
+that any loader (diffusers, ComfyUI) accepts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+import torch
+
+SCHEMES = ("fp16", "int8", "int4")
+MIN_NUMEL = 4096   # smaller tensors (biases, norms, tiny convs) stay fp16
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1).float()
+
+
+def _fp16_scale(s: torch.Tensor) -> torch.Tensor:
+    """The scale as it is stored (fp16, rounded up so that no code leaves the range), back in fp32."""
+    s16 = s.clamp_min(1e-7).half()
+    return torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16).float()
+
+
+def quantize_tensor(w: torch.Tensor, scheme: str, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)`` of one weight tensor (first dimension = output channels)."""
+    r = _rows(w)
+    if scheme == "int8":
+        s = _fp16_scale(r.abs().amax(1, keepdim=True) / 127)
+        q = torch.round(r / s).clamp(-127, 127).to(torch.int8)
+        return q, s.half()
+    if scheme == "int4":
+        n = r.shape[1]
+        pad = (-n) % group
+        g = torch.nn.functional.pad(r, (0, pad)).reshape(r.shape[0], -1, group)
+        s = _fp16_scale(g.abs().amax(2, keepdim=True) / 7)
+        q = (torch.round(g / s).clamp(-7, 7) + 8).to(torch.uint8).reshape(r.shape[0], -1)
+        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        return packed, s.squeeze(2).half()
+    raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
+
+
+def dequantize_tensor(codes: torch.Tensor, scales: torch.Tensor, scheme: str, shape: list[int],
+                      group: int = 64) -> torch.Tensor:
+    rows = shape[0]
+    n = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if scheme == "int8":
+        return (codes.float() * scales.float()).reshape(shape)
+    if scheme == "int4":
+        lo, hi = (codes & 0x0F).to(torch.int16), (codes >> 4).to(torch.int16)
+        q = torch.stack([lo, hi], 2).reshape(rows, -1).float() - 8
+        g = q.reshape(rows, -1, group) * scales.float()[:, :, None]
+        return g.reshape(rows, -1)[:, :n].reshape(shape)
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def quantize_state_dict(sd: dict, scheme: str = "int8", group: int = 64, min_numel: int = MIN_NUMEL
+                        ) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` ready for ``safetensors.torch.save_file``."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
+    out, info = {}, {}
+    for k, v in sd.items():
+        if not torch.is_floating_point(v):
+            out[k] = v.contiguous()
+            continue
+        if scheme == "fp16" or v.ndim < 2 or v.numel() < min_numel:
+            out[k] = v.detach().half().contiguous()
+            continue
+        q, s = quantize_tensor(v.detach(), scheme, group)
+        out[k], out[k + "::scale"] = q.contiguous(), s.contiguous()
+        info[k] = {"scheme": scheme, "shape": list(v.shape), "group": group}
+    return out, {"jd.quant": json.dumps(info)}
+
+
+def save_quantized(sd: dict, path: str, scheme: str = "int8", group: int = 64,
+                   metadata: Optional[dict] = None) -> int:
+    """Write ``sd`` quantised to ``path``; returns the file size in bytes."""
+    import os
+
+    from safetensors.torch import save_file
+
+    t, meta = quantize_state_dict(sd, scheme, group)
+    save_file(t, path, metadata={**(metadata or {}), **meta})
+    return os.path.getsize(path)
+
+
+def load_quantized(path: str, dtype: torch.dtype = torch.float32) -> dict:
+    """A float state dict from a file written by :func:`save_quantized` (plain safetensors files load too)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        info = json.loads((f.metadata() or {}).get("jd.quant", "{}"))
+        out = {}
+        for k in f.keys():
+            if k.endswith("::scale"):
+                continue
+            v = f.get_tensor(k)
+            if k in info:
+                i = info[k]
+                v = dequantize_tensor(v, f.get_tensor(k + "::scale"), i["scheme"], i["shape"], i.get("group", 64))
+            out[k] = v.to(dtype) if torch.is_floating_point(v) else v
+    return out

@@ -1,0 +1,47 @@
+"""Shipping quantisation: round trips within the scheme's step, sizes, metadata, plain files."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from jointcore.family import quantize as Q
+
+
+@pytest.mark.parametrize("scheme,bound", [("int8", 0.5 / 127), ("int4", 0.5 / 7)])
+def test_round_trip_error_is_at_most_half_a_step(scheme, bound):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 33, 3, 3, generator=g) * torch.linspace(0.01, 2, 64)[:, None, None, None]
+    codes, scales = Q.quantize_tensor(w, scheme)
+    back = Q.dequantize_tensor(codes, scales, scheme, list(w.shape))
+    assert back.shape == w.shape
+    if scheme == "int8":  # per row: |error| <= max|row| / 254
+        err = (back - w).reshape(64, -1).abs().amax(1)
+        assert (err <= w.reshape(64, -1).abs().amax(1) * bound * 1.001 + 1e-6).all()
+    else:  # per group of 64
+        flat = torch.nn.functional.pad(w.reshape(64, -1), (0, (-297) % 64)).reshape(64, -1, 64)
+        berr = torch.nn.functional.pad((back - w).reshape(64, -1), (0, (-297) % 64)).reshape(64, -1, 64)
+        assert (berr.abs().amax(2) <= flat.abs().amax(2) * bound * 1.001 + 1e-6).all()
+    assert (back - w).abs().max() > 0  # it is lossy, not a copy
+
+
+def test_files_are_smaller_and_load_back(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    sd = {"big.weight": torch.randn(320, 320, 3, 3, generator=g), "big.bias": torch.randn(320, generator=g),
+          "small.weight": torch.randn(4, 8, generator=g), "steps": torch.arange(3)}
+    sizes = {s: Q.save_quantized(sd, str(tmp_path / f"{s}.safetensors"), s) for s in Q.SCHEMES}
+    n = 320 * 320 * 9
+    assert sizes["int8"] < 0.55 * sizes["fp16"] and sizes["int4"] < 0.33 * sizes["fp16"]
+    assert abs(sizes["int8"] - n) < 0.05 * n
+    for s in Q.SCHEMES:
+        back = Q.load_quantized(str(tmp_path / f"{s}.safetensors"))
+        assert set(back) == set(sd) and torch.equal(back["steps"], sd["steps"])
+        assert back["big.weight"].dtype == torch.float32
+        tol = {"fp16": 1e-3, "int8": 0.02, "int4": 0.3}[s]
+        assert (back["big.weight"] - sd["big.weight"]).abs().max() < tol * sd["big.weight"].abs().max()
+        assert torch.allclose(back["big.bias"], sd["big.bias"], atol=1e-2)  # small tensors: fp16
+    # a plain safetensors file (no metadata) loads unchanged
+    save_file({"x": torch.ones(2, 2)}, str(tmp_path / "plain.safetensors"))
+    assert torch.equal(Q.load_quantized(str(tmp_path / "plain.safetensors"))["x"], torch.ones(2, 2))
+    with pytest.raises(ValueError, match="unknown scheme"):
+        Q.quantize_state_dict(sd, "int3")
