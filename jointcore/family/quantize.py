@@ -113,3 +113,96 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32) -> dict:
                 v = dequantize_tensor(v, f.get_tensor(k + "::scale"), i["scheme"], i["shape"], i.get("group", 64))
             out[k] = v.to(dtype) if torch.is_floating_point(v) else v
     return out
+
+
+# ---- models derived from a shipped base: low-rank deltas ------------------------------------------------
+
+def delta_state_dict(derived: dict, base: dict, rel_tol: float = 0.05, max_rank: int = 64,
+                     min_numel: int = MIN_NUMEL) -> tuple[dict, dict]:
+    """A fine-tuned model as its difference from ``base`` (the float weights the user's machine will have,
+    e.g. :func:`load_quantized` of the shipped base): each large matrix's delta truncated by SVD to the
+    smallest rank whose relative Frobenius error is ≤ ``rel_tol`` (at most ``max_rank``; beyond that the
+    delta is stored as int8), small deltas in fp16, tensors new or reshaped relative to ``base`` in full
+    (int8 when large). Returns ``(tensors, metadata)`` for safetensors."""
+    out, info = {}, {}
+    for k, v in derived.items():
+        if not torch.is_floating_point(v):
+            out[k] = v.contiguous()
+            continue
+        v = v.detach().float()
+        b = base.get(k)
+        if b is None or tuple(b.shape) != tuple(v.shape):
+            if v.ndim >= 2 and v.numel() >= min_numel:
+                q, s = quantize_tensor(v, "int8")
+                out[k], out[k + "::scale"] = q.contiguous(), s.contiguous()
+                info[k] = {"kind": "full_int8", "shape": list(v.shape)}
+            else:
+                out[k] = v.half().contiguous()
+                info[k] = {"kind": "full"}
+            continue
+        d = v - b.float()
+        if d.abs().max() == 0:
+            info[k] = {"kind": "same"}
+            continue
+        if v.ndim < 2 or v.numel() < min_numel:
+            out[k] = d.half().contiguous()
+            info[k] = {"kind": "delta"}
+            continue
+        m = d.reshape(d.shape[0], -1)
+        U, S, Vh = torch.linalg.svd(m.double(), full_matrices=False)
+        energy = S.square().flip(0).cumsum(0).flip(0)            # energy[r] = Σ_{i≥r} S_i²
+        err = (energy / energy[0]).sqrt()                          # relative error when keeping r values
+        ok = torch.nonzero(torch.cat([err[1:], err.new_zeros(1)]) <= rel_tol)
+        r = int(ok[0]) + 1 if len(ok) else len(S)
+        if r <= max_rank and r * (m.shape[0] + m.shape[1]) * 2 < m.numel():
+            out[k + "::U"] = (U[:, :r] * S[:r]).float().half().contiguous()
+            out[k + "::V"] = Vh[:r].float().half().contiguous()
+            info[k] = {"kind": "lowrank", "shape": list(v.shape), "rank": r}
+        else:
+            q, s = quantize_tensor(d, "int8")
+            out[k], out[k + "::scale"] = q.contiguous(), s.contiguous()
+            info[k] = {"kind": "delta_int8", "shape": list(v.shape)}
+    return out, {"jd.delta": json.dumps(info)}
+
+
+def save_delta(derived: dict, base: dict, path: str, metadata: Optional[dict] = None, **kw) -> int:
+    import os
+
+    from safetensors.torch import save_file
+
+    t, meta = delta_state_dict(derived, base, **kw)
+    save_file(t, path, metadata={**(metadata or {}), **meta})
+    return os.path.getsize(path)
+
+
+def load_delta(path: str, base: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """Rebuild the derived state dict from a :func:`save_delta` file and the same ``base``."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        info = json.loads((f.metadata() or {}).get("jd.delta", "{}"))
+        keys = set(f.keys())
+        out = {}
+        for k, i in info.items():
+            kind = i["kind"]
+            if kind == "same":
+                v = base[k].float()
+            elif kind == "full":
+                v = f.get_tensor(k).float()
+            elif kind == "full_int8":
+                v = dequantize_tensor(f.get_tensor(k), f.get_tensor(k + "::scale"), "int8", i["shape"])
+            elif kind == "delta":
+                v = base[k].float() + f.get_tensor(k).float()
+            elif kind == "lowrank":
+                d = f.get_tensor(k + "::U").float() @ f.get_tensor(k + "::V").float()
+                v = base[k].float() + d.reshape(i["shape"])
+            elif kind == "delta_int8":
+                v = base[k].float() + dequantize_tensor(f.get_tensor(k), f.get_tensor(k + "::scale"), "int8",
+                                                        i["shape"])
+            else:
+                raise ValueError(f"{path}: unknown entry kind {kind!r} for {k!r}")
+            out[k] = v.to(dtype)
+        for k in keys:  # non-float tensors
+            if "::" not in k and k not in info:
+                out[k] = f.get_tensor(k)
+    return out

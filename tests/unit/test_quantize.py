@@ -45,3 +45,27 @@ def test_files_are_smaller_and_load_back(tmp_path):
     assert torch.equal(Q.load_quantized(str(tmp_path / "plain.safetensors"))["x"], torch.ones(2, 2))
     with pytest.raises(ValueError, match="unknown scheme"):
         Q.quantize_state_dict(sd, "int3")
+
+
+def test_low_rank_delta_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    base = {"conv.weight": torch.randn(64, 32, 3, 3, generator=g), "norm.weight": torch.ones(64),
+            "same.weight": torch.randn(64, 64, generator=g), "lin.weight": torch.randn(96, 96, generator=g)}
+    low = torch.randn(64, 3, generator=g) @ torch.randn(3, 288, generator=g) * 0.01  # a rank-3 update
+    derived = {"conv.weight": base["conv.weight"] + low.reshape(64, 32, 3, 3),
+               "norm.weight": base["norm.weight"] + 0.1, "same.weight": base["same.weight"].clone(),
+               "lin.weight": base["lin.weight"] + 0.01 * torch.randn(96, 96, generator=g),  # full-rank update
+               "new.weight": torch.randn(64, 128, generator=g), "count": torch.tensor([3])}
+    t, meta = Q.delta_state_dict(derived, base, rel_tol=0.01)
+    info = __import__("json").loads(meta["jd.delta"])
+    assert info["conv.weight"] == {"kind": "lowrank", "shape": [64, 32, 3, 3], "rank": 3}
+    assert info["same.weight"]["kind"] == "same" and info["lin.weight"]["kind"] == "delta_int8"
+    assert info["new.weight"]["kind"] == "full_int8" and info["norm.weight"]["kind"] == "delta"
+    size = Q.save_delta(derived, base, str(tmp_path / "d.safetensors"), rel_tol=0.01)
+    assert size < 0.5 * sum(v.numel() * 2 for v in derived.values())  # far below fp16 of the whole model
+    back = Q.load_delta(str(tmp_path / "d.safetensors"), base)
+    assert set(back) == set(derived)
+    assert torch.allclose(back["conv.weight"], derived["conv.weight"], atol=1e-3)
+    assert torch.equal(back["same.weight"], derived["same.weight"]) and torch.equal(back["count"], derived["count"])
+    assert (back["lin.weight"] - derived["lin.weight"]).abs().max() < 0.04 * 0.01 * 4 + 1e-4
+    assert (back["new.weight"] - derived["new.weight"]).abs().max() < derived["new.weight"].abs().max() / 100
