@@ -340,6 +340,42 @@ def family_checkpoint() -> Path:
     return p
 
 
+#: the trained family's folders (under ``jointcore.family.build``'s cache) behind each model name the shipped
+#: workflows use: ``{models subfolder: {name: cache-relative folder}}``
+FAMILY_FOLDERS = {
+    "diffusers": {"stable-diffusion-v1-5": "base"},
+    "diff2in1": {"diff2in1-depth-head": "diff2in1/model"},
+    "jointnet": {"rgbd_finetune_sd21b": "jointnet/model", "rgbd_inpaint_sd21b": "jointnet_inpaint/model"},
+    "jointdiffusion_predictors": {"marigold-e2e-ft-depth": "predictor_depth/model",
+                                  "marigold-e2e-ft-normals": "predictor_normals/model"},
+}
+
+
+def family_models(work: Path) -> dict[str, list[Path]]:
+    """Links, named as the workflows name the models, to the trained family's folders (all must be built)."""
+    sys.path.insert(0, str(REPO))
+    from jointcore.family import build as B
+
+    cache = B.default_cache()
+    out: dict[str, list[Path]] = {}
+    missing = []
+    for folder, items in FAMILY_FOLDERS.items():
+        for name, rel in items.items():
+            src = cache / rel
+            if not src.is_dir():
+                missing.append(str(src))
+                continue
+            link = work / "family_models" / folder / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(src.resolve(), target_is_directory=True)
+            out.setdefault(folder, []).append(link)
+    if missing:
+        raise FileNotFoundError("the default family is not completely built; missing " + ", ".join(missing)
+                                + f". Run `python -m jointcore.family.build` (stages {', '.join(B.STAGES)})")
+    return out
+
+
 def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path, models: str = "tiny") -> dict[str, Any]:
     """ComfyServer arguments for the built-in default: a checkpoint linked under every checkpoint name the
     workflows reference — the random tiny one (``models="tiny"``) or the trained family's
@@ -357,7 +393,10 @@ def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path, models: str =
         if not link.exists():
             link.symlink_to(ckpt)
         links.append(link)
-    return {"checkpoints": tuple(links), "extra_models": T.build(cache_dir())}
+    extra = T.build(cache_dir())
+    if models == "family":  # the family's own folders; the LPIPS backbone stays the seeded random stand-in
+        extra = {**extra, **family_models(work)}
+    return {"checkpoints": tuple(links), "extra_models": extra}
 
 
 def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = None, tiny: bool = True,

@@ -1,0 +1,214 @@
+"""Ship the built family in the repository, and rebuild the usable folders from it on first use.
+
+    python -m jointcore.family.ship export  [--cache BUILD_CACHE] [--to weights/default_family]
+    python -m jointcore.family.ship install [--from weights/default_family] [--to INSTALL_DIR]
+
+``export`` writes the small form: the text-to-image UNet in int8 (per output channel), the autoencoder and the
+Diff-2-in-1 head in fp16, and every model fine-tuned from the text-to-image UNet (predictors, both JointNet
+branches of both variants) as a low-rank delta against the *int8-rounded* UNet (so the delta also absorbs the
+rounding), plus each folder's small JSON files and ``manifest.json`` (files, sizes, SHA-256). The frozen CLIP-L
+text encoder is never shipped: ``install`` generates it bit-identically (``jointcore.models.random_clip``), takes
+the tokenizer from ComfyUI (:func:`jointcore.family.build.find_tokenizer`), rebuilds every folder in the
+layout the build writes (``base/``, ``predictor_depth/model`` …), and assembles the ComfyUI checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from jointcore.family import quantize as Q
+
+#: (folder relative to the build cache, how its weight file is stored)
+WEIGHTS = (
+    ("base/vae", "fp16"),
+    ("base/unet", "int8"),
+    ("predictor_depth/model/unet", "delta"),
+    ("predictor_normals/model/unet", "delta"),
+    ("jointnet/model/unet", "delta"),
+    ("jointnet/model/jointnet", "delta"),
+    ("jointnet_inpaint/model/unet", "delta"),
+    ("jointnet_inpaint/model/jointnet", "delta"),
+    ("diff2in1/model", "fp16"),
+)
+#: small files copied as they are (relative to the build cache)
+SMALL = ("base/scheduler/scheduler_config.json", "base/model_index.json",
+         "predictor_depth/model/model_index.json", "predictor_depth/model/scheduler/scheduler_config.json",
+         "predictor_normals/model/model_index.json", "predictor_normals/model/scheduler/scheduler_config.json")
+#: components of a predictor folder that are the base's own (linked on install)
+SHARED = ("vae", "text_encoder", "tokenizer")
+DELTA_TOL = 0.02
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "head.safetensors")
+MANIFEST = "manifest.json"
+
+
+def _weight_file(folder: Path) -> Path:
+    for n in WEIGHT_NAMES:
+        if (folder / n).is_file():
+            return folder / n
+    raise FileNotFoundError(f"{folder} has no weight file ({' or '.join(WEIGHT_NAMES)}); is the family built?")
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export(cache: Path, dest: Path, delta_tol: float = DELTA_TOL) -> dict:
+    """Write the shipped form of the family built in ``cache`` to ``dest`` (replaced); returns the manifest."""
+    from safetensors.torch import load_file, save_file
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    base_q = None
+    files = {}
+    for rel, how in WEIGHTS:
+        src = cache / rel
+        w = _weight_file(src)
+        out = dest / rel
+        out.mkdir(parents=True, exist_ok=True)
+        for j in src.glob("*.json"):
+            shutil.copy2(j, out / j.name)
+        sd = load_file(str(w))
+        target = out / (w.stem + f".{how}.safetensors")
+        if how == "fp16":
+            save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()},
+                      str(target))
+        elif how == "int8":
+            Q.save_quantized(sd, str(target), "int8")
+            base_q = Q.load_quantized(str(target))
+        else:
+            if base_q is None:
+                raise RuntimeError("the int8 base must be exported before the deltas")
+            Q.save_delta(sd, base_q, str(target), rel_tol=delta_tol)
+        files[str(target.relative_to(dest))] = {"bytes": target.stat().st_size, "sha256": _sha256(target),
+                                                "from": f"{rel}/{w.name}", "stored": how}
+    for rel in SMALL:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(cache / rel, dest / rel)
+    manifest = {"format": "jointdiffusion.family.shipped", "version": 1, "delta_rel_tol": delta_tol,
+                "total_bytes": sum(f["bytes"] for f in files.values()), "files": files}
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def install(src: Path, dest: Path, tokenizer: Optional[str] = None, log=print, make_base=None,
+            checkpoint: bool = True) -> Path:
+    """Rebuild the family's folders from the shipped form ``src`` into ``dest`` (a build-cache layout) and
+    assemble the ComfyUI checkpoint; returns ``dest``. Files are checked against the manifest first.
+
+    ``make_base(folder)`` replaces the generation of ``base/`` (text encoder, tokenizer, scheduler) in tests;
+    ``checkpoint=False`` skips the single-file checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from jointcore.family import build as B
+
+    man_path = src / MANIFEST
+    if not man_path.is_file():
+        raise FileNotFoundError(f"{src} is not a shipped family (no {MANIFEST})")
+    manifest = json.loads(man_path.read_text())
+    for rel, meta in manifest["files"].items():
+        p = src / rel
+        if not p.is_file():
+            raise FileNotFoundError(f"shipped family file {p} is missing (listed in {man_path})")
+        if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            raise ValueError(f"shipped family file {p} does not match its SHA-256 in {man_path} (corrupt or a Git "
+                             f"LFS pointer?); restore it with `git checkout -- {rel}`")
+    tmp = dest.with_name(dest.name + f".{os.getpid()}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    b = B.Builder(tmp, tokenizer=tokenizer, log=log)
+    (tmp / "base").mkdir(parents=True)
+    log("generating the frozen CLIP-L text encoder and tokenizer …")
+    (make_base or (lambda _folder: b.base()))(tmp / "base")
+    for rel in SMALL:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, tmp / rel)
+    base_q = None
+    for rel, how in WEIGHTS:
+        s, d = src / rel, tmp / rel
+        d.mkdir(parents=True, exist_ok=True)
+        for j in s.glob("*.json"):
+            shutil.copy2(j, d / j.name)
+        shipped = next(s.glob(f"*.{how}.safetensors"))
+        name = shipped.name.replace(f".{how}.safetensors", ".safetensors")
+        if how == "fp16":
+            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(shipped)).items()}
+        elif how == "int8":
+            sd = base_q = Q.load_quantized(str(shipped))
+        else:
+            sd = Q.load_delta(str(shipped), base_q)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / name))
+    for stage in ("predictor_depth", "predictor_normals"):
+        for comp in SHARED:
+            (tmp / stage / "model" / comp).symlink_to(Path("..") / ".." / "base" / comp, target_is_directory=True)
+    if checkpoint:
+        from jointcore.family.assemble import sd15_checkpoint
+
+        sd15_checkpoint(str(tmp / "base" / "unet"), str(tmp / "base" / "vae"),
+                        str(tmp / "checkpoint" / B.CHECKPOINT_NAME),
+                        metadata={"what": "jointdiffusion default family (shipped), text-to-image",
+                                  "version": B.VERSION})
+    (tmp / "INSTALLED.json").write_text(json.dumps({"from": str(src.resolve()),
+                                                    "manifest_sha256": _sha256(man_path)}, indent=1))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def installed_dir() -> Path:
+    from jointcore.family import build as B
+
+    return B.default_cache().parent / f"shipped-v{B.VERSION}"
+
+
+def shipped_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "weights" / "default_family"
+
+
+def ensure_installed(log=print) -> Path:
+    """The installed family, installing it from the repository's shipped form when missing or outdated."""
+    src, dest = shipped_dir(), installed_dir()
+    stamp = dest / "INSTALLED.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("manifest_sha256") == _sha256(src / MANIFEST):
+        return dest
+    log(f"installing the default family from {src} into {dest} (first use) …")
+    return install(src, dest, log=log)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from jointcore.family import build as B
+    from jointcore.training.common import run_cli
+
+    ap = argparse.ArgumentParser(prog="python -m jointcore.family.ship", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write the shipped form of a built family")
+    e.add_argument("--cache", default=None, help="build cache (default: the build's)")
+    e.add_argument("--to", default=str(shipped_dir()))
+    e.add_argument("--delta-tol", type=float, default=DELTA_TOL)
+    i = sub.add_parser("install", help="rebuild usable folders from the shipped form")
+    i.add_argument("--from", dest="src", default=str(shipped_dir()))
+    i.add_argument("--to", default=str(installed_dir()))
+    i.add_argument("--tokenizer", default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "export":
+        def run():
+            m = export(Path(a.cache) if a.cache else B.default_cache(), Path(a.to), a.delta_tol)
+            for k, v in m["files"].items():
+                print(f"{v['bytes'] / 1e6:8.2f} MB  {k}")
+            print(f"{m['total_bytes'] / 1e6:8.2f} MB  in all")
+        return run_cli(run)
+    return run_cli(lambda: install(Path(a.src), Path(a.to), a.tokenizer))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
