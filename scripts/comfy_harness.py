@@ -327,13 +327,24 @@ def referenced_checkpoints(ui_workflows: list[Path]) -> set[str]:
     return names
 
 
-def family_checkpoint() -> Path:
-    """The trained default family's ComfyUI checkpoint (``python -m jointcore.family.build``), or an error
-    that says how to build it."""
+def family_root() -> Path:
+    """Where the default family's folders are: installed from the repository's shipped weights
+    (``weights/default_family``, installed into the cache on first use), else the local build cache
+    (``python -m jointcore.family.build``) for a developer who has built but not yet shipped it."""
     sys.path.insert(0, str(REPO))
     from jointcore.family import build as B
+    from jointcore.family import ship
 
-    p = B.default_cache() / "checkpoint" / B.CHECKPOINT_NAME
+    if (ship.shipped_dir() / ship.MANIFEST).is_file():
+        return ship.ensure_installed()
+    return B.default_cache()
+
+
+def family_checkpoint() -> Path:
+    """The default family's ComfyUI checkpoint, or an error that says how to get it."""
+    from jointcore.family import build as B
+
+    p = family_root() / "checkpoint" / B.CHECKPOINT_NAME
     if not p.is_file():
         raise FileNotFoundError(f"the default family's checkpoint {p} is not built yet; run "
                                 f"`python -m jointcore.family.build` (stages {', '.join(B.STAGES)})")
@@ -356,7 +367,7 @@ def family_models(work: Path) -> dict[str, list[Path]]:
     sys.path.insert(0, str(REPO))
     from jointcore.family import build as B
 
-    cache = B.default_cache()
+    cache = family_root()
     out: dict[str, list[Path]] = {}
     missing = []
     for folder, items in FAMILY_FOLDERS.items():

@@ -142,13 +142,13 @@ def section_t2i(ctx: Ctx) -> tuple[str, dict]:
 
 
 from jointcore.family.report_dense import section_diff2in1, section_jointnet, section_predictor  # noqa: E402
-from jointcore.family.report_misc import section_mesh, section_mt_restoration  # noqa: E402
+from jointcore.family.report_misc import section_mesh, section_mt_restoration, section_quantization  # noqa: E402
 from jointcore.family.report_pano import section_panorama  # noqa: E402
 
 SECTIONS: dict[str, Callable[[Ctx], tuple[str, dict]]] = {
     "vae": section_vae, "t2i": section_t2i, "predictor": section_predictor, "jointnet": section_jointnet,
     "diff2in1": section_diff2in1, "panorama": section_panorama, "mt_restoration": section_mt_restoration,
-    "mesh": section_mesh}
+    "mesh": section_mesh, "quantization": section_quantization}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

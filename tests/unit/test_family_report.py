@@ -65,7 +65,7 @@ def test_every_section_runs_on_tiny_models_of_each_stage(tmp_path):
                     str(cache / "diff2in1" / sub))
     out = tmp_path / "docs" / "quality.md"
     assert R.main(["--cache", str(cache), "--out", str(out), "--scenes", "3", "--pano-scenes", "1",
-                   "--sections", "predictor,jointnet,diff2in1,panorama,mt_restoration,mesh"]) == 0
+                   "--sections", "predictor,jointnet,diff2in1,panorama,mt_restoration,mesh,quantization"]) == 0
     text = out.read_text()
     m = json.loads((out.parent / "quality" / "metrics.json").read_text())
     assert "Not built yet" not in text
@@ -81,6 +81,9 @@ def test_every_section_runs_on_tiny_models_of_each_stage(tmp_path):
     assert mt["latent_outside_max_abs"] == 0.0  # the known region is kept exactly (in latent space)
     assert mt["outside"] <= 1.05 * mt["autoencoder_outside"]  # in pixels only the decoder's reach differs
     assert mt["inside"] > 0
+    q = m["quantization"]
+    assert set(q["t2i"]) == set(q["predictor_depth"]) == {"fp32", "int8", "int4"}
+    assert q["t2i"]["fp32"]["psnr_vs_fp32_db"] == 99 and q["t2i"]["int4"]["psnr_vs_fp32_db"] < 99
     assert m["mesh"]["chamfer_m"] > 0 and m["mesh"]["chamfer_flat_m"] > 0
     assert all(v["seam"] > 0 and v["intra_lpips_alex_random"] > 0 for v in m["panorama"]["360"].values())
     for fig in ("predictor_depth_absrel.png", "jointnet.png", "diff2in1_absrel.png", "panorama_360.png",

@@ -67,6 +67,9 @@ def test_export_install_round_trip_loads_every_model(tmp_path):
     fp32 = sum(p.stat().st_size for p in build.rglob("*.safetensors"))
     assert m["total_bytes"] < 0.45 * fp32  # int8 base, low-rank deltas, fp16 small parts
     assert {v["stored"] for v in m["files"].values()} == {"fp16", "int8", "delta"}
+    card = (tmp_path / "shipped" / "MODEL_CARD.md").read_text()
+    assert f"{m['total_bytes'] / 1e6:.1f} MB" in card and "python -m jointcore.family.build" in card
+    assert all(k in card for k in m["files"])
     out = S.install(tmp_path / "shipped", tmp_path / "installed", make_base=make_base, checkpoint=False,
                     log=lambda *_: None)
     for rel, _ in S.WEIGHTS:  # every weight is back, close to the trained one
