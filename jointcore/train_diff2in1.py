@@ -44,7 +44,7 @@ def load_sd_components(model_dir: str):
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     vae = load_vae(os.path.join(model_dir, "vae"))
     tok = AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
-    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").float()  # fp16 on disk (the family)
     if os.path.isdir(os.path.join(model_dir, "scheduler")):
         sch = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
         ab, pred = sch.alphas_cumprod.double(), sch.config.prediction_type

@@ -357,7 +357,7 @@ def _load_models(args):
             raise FileNotFoundError(f"--pretrained {base!r} lacks {sub}/ (a diffusers Stable Diffusion folder is "
                                     f"needed for the VAE and text encoder)")
     vae = load_vae(os.path.join(base, "vae"))
-    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").float().eval()  # fp16 on disk (the family)
     tok = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     if os.path.isdir(os.path.join(base, "scheduler")):
         s = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
