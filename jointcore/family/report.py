@@ -25,7 +25,7 @@ from jointcore.family import evaluate as E
 class Ctx:
     """What every section needs: the family cache, the held-out scenes, where figures go."""
 
-    def __init__(self, cache: Path, out: Path, scenes: int, seed: int = 0, pano_count: int = 12):
+    def __init__(self, cache: Path, out: Path, scenes: int, seed: int = 0, pano_count: int = 6):
         self.cache, self.out, self.n, self.seed, self.pano_count = cache, out, scenes, seed, pano_count
         self.fig_dir = out.parent / out.stem
         self.fig_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jointcore.family.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/quality.md")
     ap.add_argument("--scenes", type=int, default=200, help="held-out scenes per measurement")
-    ap.add_argument("--pano-scenes", type=int, default=12, help="captions per panorama kind (SyncDiffusion is slow)")
+    ap.add_argument("--pano-scenes", type=int, default=6, help="captions per panorama kind (SyncDiffusion is slow)")
     ap.add_argument("--cache", default=None, help="family cache (default: the build's)")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     a = ap.parse_args(argv)

@@ -24,6 +24,7 @@ WINDOW = 8
 PANOS = {"wide": dict(width=256, circular=False), "360": dict(width=384, circular=True)}
 STEPS = 25
 GUIDANCE = 5.0
+SYNC_STEPS = 10   # gradient steps on the first 10 of 25 (the official shell script: 10 of 50; w = 20, decay 0.95)
 
 
 def configs():
@@ -31,7 +32,7 @@ def configs():
 
     return {
         "MultiDiffusion": TiledConfig.multidiffusion(window=WINDOW, stride=2, view_batch=16),
-        "SyncDiffusion": TiledConfig.syncdiffusion(window=WINDOW, stride=2, view_batch=16, sync_thres=STEPS),
+        "SyncDiffusion": TiledConfig.syncdiffusion(window=WINDOW, stride=2, view_batch=16, sync_thres=SYNC_STEPS),
         "JointNet tiles": TiledConfig.jointnet(window=WINDOW, stride=4, boundary=1, view_batch=16),
     }
 
@@ -123,7 +124,8 @@ def section_panorama(ctx) -> tuple[str, dict]:
                         {name: [res[k][name]["intra_lpips_alex_random"] for k in res] for name in res["wide"]},
                         "intra-view distance (lower = more coherent)", "Panorama coherence")
     md = (f"## Panoramas\n\n{n} held-out captions, {STEPS} trailing DDIM steps, CFG {GUIDANCE:g}; wide = 64×256, "
-          f"360° = 64×384 wrapping. SyncDiffusion guidance: LPIPS-VGG16 architecture with a seeded random backbone "
+          f"360° = 64×384 wrapping; views of 64 px, stride 16 px (JointNet tiles: 32 px). SyncDiffusion "
+          f"(w = 20, decay 0.95) on the first {SYNC_STEPS} steps; its guidance: LPIPS-VGG16 architecture with a seeded random backbone "
           f"(no ImageNet weights here; see `jointcore/family/report_pano.py`); coherence judged with other "
           f"distances: LPIPS with a random AlexNet and colour statistics, mean over all pairs of 64 px crops "
           f"(lower = more coherent); seam score (median over panoramas) ≈ 1 for a seamless 360° panorama.\n\n"
