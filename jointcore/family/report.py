@@ -151,6 +151,26 @@ SECTIONS: dict[str, Callable[[Ctx], tuple[str, dict]]] = {
     "mesh": section_mesh, "quantization": section_quantization}
 
 
+#: the build folders each section's measurement depends on (for ``--reuse``)
+SECTION_DEPS = {"vae": ("base",), "t2i": ("base",), "predictor": ("marigold_depth", "predictor_depth",
+                "predictor_normals"), "jointnet": ("base", "jointnet", "jointnet_inpaint", "predictor_depth"),
+                "diff2in1": ("base", "diff2in1"), "panorama": ("base",), "mt_restoration": ("base",),
+                "mesh": ("predictor_depth",), "quantization": ("base", "predictor_depth")}
+
+
+def _fingerprint(cache: Path, folders: Optional[Sequence[str]] = None) -> dict:
+    """Size and modification time of the weight files in ``folders`` of the family cache (all when None)."""
+    out = {}
+    files = [] if not cache.is_dir() else sorted(cache.glob("*/**/*.safetensors")) if folders is None else \
+        sorted(p for f in folders for p in (cache / f).glob("**/*.safetensors"))
+    for p in files:
+        if "cache" in p.parts or "state" in p.parts:
+            continue
+        st = p.stat()
+        out[str(p.relative_to(cache))] = [st.st_size, int(st.st_mtime)]
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jointcore.family.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/quality.md")
@@ -158,14 +178,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--pano-scenes", type=int, default=6, help="captions per panorama kind (SyncDiffusion is slow)")
     ap.add_argument("--cache", default=None, help="family cache (default: the build's)")
     ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a section from an earlier run into the same --out (same scenes and models) instead of "
+                         "measuring it again; the models' files are fingerprinted, so a rebuilt stage is measured anew")
     a = ap.parse_args(argv)
     ctx = Ctx(Path(a.cache) if a.cache else B.default_cache(), Path(a.out), a.scenes, pano_count=a.pano_scenes)
     parts, metrics = [f"# Quality of the default model family\n\nWritten by `python -m jointcore.family.report "
                       f"--scenes {a.scenes}` on {time.strftime('%Y-%m-%d')}; held-out seeds from "
                       f"10⁹ (never trained on).\n"], {}
+    done_dir = ctx.fig_dir / "sections"
+    done_dir.mkdir(exist_ok=True)
     for name in [s for s in a.sections.split(",") if s]:
+        if name not in SECTIONS:
+            raise SystemExit(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
         t0 = time.time()
-        md, m = SECTIONS[name](ctx)
+        key = {"scenes": a.scenes, "pano_scenes": a.pano_scenes, "seed": ctx.seed,
+               "models": _fingerprint(ctx.cache, SECTION_DEPS.get(name))}
+        f = done_dir / f"{name}.json"
+        old = json.loads(f.read_text()) if a.reuse and f.is_file() else None
+        if old and old["key"] == key:
+            md, m = old["md"], old["metrics"]
+        else:
+            md, m = SECTIONS[name](ctx)
+            f.write_text(json.dumps({"key": key, "md": md, "metrics": m}))
         parts.append(md)
         metrics[name] = m
         print(f"[{name}] {time.time() - t0:.0f} s {json.dumps(m)[:300]}", flush=True)

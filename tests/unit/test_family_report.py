@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from jointcore.family import report as R
@@ -90,3 +91,29 @@ def test_every_section_runs_on_tiny_models_of_each_stage(tmp_path):
     for fig in ("predictor_depth_absrel.png", "jointnet.png", "diff2in1_absrel.png", "panorama_360.png",
                 "mt_restoration.png"):
         assert (out.parent / "quality" / fig).stat().st_size > 1000
+
+
+def test_reuse_takes_a_section_from_an_earlier_run_only_for_the_same_models(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(ctx):
+        calls.append(1)
+        return f"## fake {len(calls)}\n", {"n": len(calls)}
+
+    monkeypatch.setitem(R.SECTIONS, "fake", fake)
+    cache = tmp_path / "fam"
+    (cache / "base" / "unet").mkdir(parents=True)
+    w = cache / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(b"1")
+    out = tmp_path / "q.md"
+    args = ["--cache", str(cache), "--out", str(out), "--sections", "fake", "--reuse"]
+    R.main(args)
+    R.main(args)
+    assert len(calls) == 1 and "## fake 1" in out.read_text()
+    w.write_bytes(b"22")  # a rebuilt model: measured again
+    R.main(args)
+    assert len(calls) == 2 and "## fake 2" in out.read_text()
+    R.main(args[:-1])  # without --reuse: always measured
+    assert len(calls) == 3
+    with pytest.raises(SystemExit, match="unknown section"):
+        R.main(["--cache", str(cache), "--out", str(out), "--sections", "nope"])
