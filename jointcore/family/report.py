@@ -204,6 +204,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parts.append(md)
         metrics[name] = m
         print(f"[{name}] {time.time() - t0:.0f} s {json.dumps(m)[:300]}", flush=True)
+    left = [s for s in SECTIONS if s not in metrics]
+    if left:
+        parts.append("## Not in this run\n\n" + ", ".join(f"`{s}`" for s in left) + " — run the command with "
+                     "`--sections` naming them (or without `--sections` for all).\n")
     Path(a.out).write_text("\n".join(parts))
     (ctx.fig_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"wrote {a.out}")
