@@ -30,6 +30,30 @@ class Ctx:
         self.fig_dir = out.parent / out.stem
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         self._heldout = None
+        self._base = None
+
+    def base_models(self):
+        """``(unet, codec, text_encoder, tokenizer)`` of the text-to-image model in ``base/``, loaded once."""
+        if self._base is None:
+            from diffusers import UNet2DConditionModel
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            from jointcore.models.sd_folder import LatentCodec
+
+            base = self.cache / "base"
+            self._base = (UNet2DConditionModel.from_pretrained(str(base / "unet")).eval(),
+                          LatentCodec.from_folder(str(base / "vae")),
+                          CLIPTextModel.from_pretrained(str(base / "text_encoder")).float().eval(),
+                          CLIPTokenizer.from_pretrained(str(base / "tokenizer")))
+        return self._base
+
+    @torch.no_grad()
+    def embed(self, texts) -> torch.Tensor:
+        """CLIP embeddings ``[N,77,768]`` of ``texts`` (padded to the model length, as in training)."""
+        *_, te, tok = self.base_models()
+        length = min(tok.model_max_length, te.config.max_position_embeddings)
+        ids = tok(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        return te(ids)[0]
 
     def heldout(self):
         """``(scenes, rgb [N,3,64,64], depth, normals, captions)`` rendered in memory (seeded, deterministic)."""
@@ -113,18 +137,9 @@ def section_vae(ctx: Ctx) -> tuple[str, dict]:
 
 
 def section_t2i(ctx: Ctx) -> tuple[str, dict]:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from jointcore.models.sd_folder import LatentCodec
-
-    base = ctx.cache / "base"
-    if not (base / "unet" / "config.json").is_file():
+    if not (ctx.cache / "base" / "unet" / "config.json").is_file():
         return "## Text → image\n\nNot built yet (stage `t2i`).\n", {}
-    unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).eval()
-    codec = LatentCodec.from_folder(str(base / "vae"))
-    te = CLIPTextModel.from_pretrained(str(base / "text_encoder")).float().eval()
-    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    unet, codec, te, tok = ctx.base_models()
     _, rgb, _, _, caps = ctx.heldout()
     imgs = E.sample_t2i(unet, codec.decode, te, tok, caps, steps=25, guidance=5.0, seed=ctx.seed)
     m = E.colour_presence(imgs, caps)

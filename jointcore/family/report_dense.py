@@ -134,21 +134,6 @@ def section_diff2in1(ctx) -> tuple[str, dict]:
 
 # ---- JointNet ---------------------------------------------------------------------------------------------
 
-def _text_encoder(base):
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    te = CLIPTextModel.from_pretrained(str(base / "text_encoder")).float().eval()
-    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
-    length = min(tok.model_max_length, te.config.max_position_embeddings)
-
-    @torch.no_grad()
-    def embed(texts):
-        ids = tok(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        return te(ids)[0]
-
-    return embed
-
-
 def jointnet_run(model, vae, embed, captions, *, rgb: Optional[torch.Tensor] = None,
                  disparity: Optional[torch.Tensor] = None, guidance: float = 5.0, steps: int = 25, seed: int = 0,
                  batch: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +187,7 @@ def section_jointnet(ctx) -> tuple[str, dict]:
         return "## JointNet\n\nNot built yet (stages `jointnet`, `predictor_depth`).\n", {}
     inpaint_dir = jni if (jni / "jointnet" / "config.json").is_file() else jn
     _, rgb, depth, _, caps = ctx.heldout()
-    vae, embed = load_vae(str(base / "vae")), _text_encoder(base)
+    vae, embed = load_vae(str(base / "vae")), ctx.embed
     pred = load_predictor(str(pdir))
     predict = lambda x: _batched(lambda y: pred.predict(y, "depth", processing_resolution=0).prediction, x)  # noqa
     res = {}

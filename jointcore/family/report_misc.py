@@ -9,20 +9,14 @@ def section_mt_restoration(ctx) -> tuple[str, dict]:
     """Masked restoration with the family's text-to-image UNet (one modality: the masked image, weight 0 — the
     model is not MT-trained, so the aggregation term vanishes and Algorithm 1 with the known-region hook
     remains). Error inside vs outside the mask, against a mean-colour fill of the hole as the reference."""
-    from diffusers import UNet2DConditionModel
-
     from jointcore import mt_diffusion as M
     from jointcore import schedules as S
     from jointcore.denoiser import DiffusersUNetDenoiser, TextConditioning
-    from jointcore.family.report_dense import _text_encoder
-    from jointcore.models.sd_folder import LatentCodec
 
-    base = ctx.cache / "base"
-    if not (base / "unet" / "config.json").is_file():
+    if not (ctx.cache / "base" / "unet" / "config.json").is_file():
         return "## MT-Diffusion restoration\n\nNot built yet (stage `t2i`).\n", {}
-    unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).eval()
-    codec = LatentCodec.from_folder(str(base / "vae"))
-    embed = _text_encoder(base)
+    unet, codec, _, _ = ctx.base_models()
+    embed = ctx.embed
     ab = S.alphas_cumprod()
     den = DiffusersUNetDenoiser(unet, ab, "epsilon")
     agg = M.ForwardAggregation(ab, weights=0.0)
@@ -128,22 +122,14 @@ def _quantized_copy(module: torch.nn.Module, scheme: str) -> torch.nn.Module:
 
 def section_quantization(ctx) -> tuple[str, dict]:
     """What shipping at 8 or 4 bits costs: the text-to-image samples (same noise) and the predictor's AbsRel."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     from jointcore.family import evaluate as E
     from jointcore.family.report_dense import depth_scores
-    from jointcore.models.sd_folder import LatentCodec
     from jointcore.predictor import load_predictor
     from jointcore.training.common import psnr
 
-    base = ctx.cache / "base"
-    if not (base / "unet" / "config.json").is_file():
+    if not (ctx.cache / "base" / "unet" / "config.json").is_file():
         return "## Quantisation\n\nNot built yet (stage `t2i`).\n", {}
-    unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).eval()
-    codec = LatentCodec.from_folder(str(base / "vae"))
-    te = CLIPTextModel.from_pretrained(str(base / "text_encoder")).float().eval()
-    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    unet, codec, te, tok = ctx.base_models()
     _, rgb, depth, _, caps = ctx.heldout()
     res = {"t2i": {}, "predictor_depth": {}}
     with torch.no_grad():

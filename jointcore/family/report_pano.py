@@ -58,23 +58,18 @@ def pairwise_crops(images: torch.Tensor, fn, window: int = 64) -> torch.Tensor:
 
 
 def section_panorama(ctx) -> tuple[str, dict]:
-    from diffusers import UNet2DConditionModel
-
     from jointcore import schedules as S
     from jointcore.data import world as W
     from jointcore.denoiser import DiffusersUNetDenoiser, TextConditioning
-    from jointcore.family.report_dense import _text_encoder
     from jointcore.metrics_pano import load_lpips, seam_score
-    from jointcore.models.sd_folder import LatentCodec
     from jointcore.tiled import tiled_sample
 
     base = ctx.cache / "base"
     if not (base / "unet" / "config.json").is_file():
         return "## Panoramas\n\nNot built yet (stage `t2i`).\n", {}
     n = max(1, min(ctx.n, ctx.pano_count))
-    unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).eval()
-    codec = LatentCodec.from_folder(str(base / "vae"))
-    embed = _text_encoder(base)
+    unet, codec, _, _ = ctx.base_models()
+    embed = ctx.embed
     den = DiffusersUNetDenoiser(unet, S.alphas_cumprod(), "epsilon")
     torch.manual_seed(0)
     guide = load_lpips("vgg", random_backbone=True)
