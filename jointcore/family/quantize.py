@@ -7,6 +7,9 @@ other tensors (biases, norms, small layers) stay fp16:
   (fp16, one per output channel). 1 byte per weight.
 * ``int4``  — symmetric per group of ``group`` consecutive weights of a row: ``q ∈ [−7, 7]`` stored two per
   byte (offset by 8), fp16 scale per group. ~0.56 bytes per weight at group 64.
+* ``int2``  — for *deltas* of fine-tuned models only (:func:`delta_state_dict`): four levels
+  ``(i − 1.5)·s``, ``i ∈ {0…3}``, with ``s`` the group's RMS (fp16) — close to the Lloyd–Max quantiser of a
+  Gaussian (levels ±0.45σ, ±1.51σ, thresholds 0, ±0.98σ); four codes per byte. ~0.28 bytes per weight.
 
 Keys: ``<name>`` holds the codes, ``<name>::scale`` the scales; the file's metadata records each quantised
 tensor's scheme and shape (``jd.quant``), so :func:`load_quantized` restores an ordinary float state dict
@@ -49,7 +52,20 @@ def quantize_tensor(w: torch.Tensor, scheme: str, group: int = 64) -> tuple[torc
         q = (torch.round(g / s).clamp(-7, 7) + 8).to(torch.uint8).reshape(r.shape[0], -1)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
         return packed, s.squeeze(2).half()
-    raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
+    if scheme == "int2":
+        g = _groups(r, group)
+        s = g.square().mean(2, keepdim=True).sqrt().clamp_min(1e-7).half().float()
+        q = (torch.floor(g / s) + 2).clamp(0, 3).to(torch.uint8).reshape(r.shape[0], -1)
+        packed = q[:, 0::4] | (q[:, 1::4] << 2) | (q[:, 2::4] << 4) | (q[:, 3::4] << 6)
+        return packed, s.squeeze(2).half()
+    raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES + ('int2',)}")
+
+
+def _groups(r: torch.Tensor, group: int) -> torch.Tensor:
+    if group % 4:
+        raise ValueError(f"group must be a multiple of 4, got {group}")
+    pad = (-r.shape[1]) % group
+    return torch.nn.functional.pad(r, (0, pad)).reshape(r.shape[0], -1, group)
 
 
 def dequantize_tensor(codes: torch.Tensor, scales: torch.Tensor, scheme: str, shape: list[int],
@@ -61,6 +77,10 @@ def dequantize_tensor(codes: torch.Tensor, scales: torch.Tensor, scheme: str, sh
     if scheme == "int4":
         lo, hi = (codes & 0x0F).to(torch.int16), (codes >> 4).to(torch.int16)
         q = torch.stack([lo, hi], 2).reshape(rows, -1).float() - 8
+        g = q.reshape(rows, -1, group) * scales.float()[:, :, None]
+        return g.reshape(rows, -1)[:, :n].reshape(shape)
+    if scheme == "int2":
+        q = torch.stack([(codes >> b) & 0x03 for b in (0, 2, 4, 6)], 2).reshape(rows, -1).float() - 1.5
         g = q.reshape(rows, -1, group) * scales.float()[:, :, None]
         return g.reshape(rows, -1)[:, :n].reshape(shape)
     raise ValueError(f"unknown scheme {scheme!r}")
@@ -118,12 +138,15 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32) -> dict:
 # ---- models derived from a shipped base: low-rank deltas ------------------------------------------------
 
 def delta_state_dict(derived: dict, base: dict, rel_tol: float = 0.05, max_rank: int = 64,
-                     min_numel: int = MIN_NUMEL) -> tuple[dict, dict]:
-    """A fine-tuned model as its difference from ``base`` (the float weights the user's machine will have,
-    e.g. :func:`load_quantized` of the shipped base): each large matrix's delta truncated by SVD to the
-    smallest rank whose relative Frobenius error is ≤ ``rel_tol`` (at most ``max_rank``; beyond that the
-    delta is stored as int8), small deltas in fp16, tensors new or reshaped relative to ``base`` in full
-    (int8 when large). Returns ``(tensors, metadata)`` for safetensors."""
+                     min_numel: int = MIN_NUMEL, fallback: str = "int8", group: int = 64) -> tuple[dict, dict]:
+    """A fine-tuned model as its difference from ``base`` (the float weights it was fine-tuned from, or those
+    the user's machine will have, e.g. :func:`load_quantized` of the shipped base): each large matrix's delta
+    truncated by SVD to the smallest rank whose relative Frobenius error is ≤ ``rel_tol`` (at most
+    ``max_rank``; beyond that the delta is quantised with ``fallback``, ``int8`` per output channel or
+    ``int2`` per group of ``group``), small deltas in fp16, tensors equal to ``base`` not stored at all, tensors
+    new or reshaped relative to ``base`` in full (int8 when large). Returns ``(tensors, metadata)``."""
+    if fallback not in ("int8", "int2"):
+        raise ValueError(f"fallback must be 'int8' or 'int2', got {fallback!r}")
     out, info = {}, {}
     for k, v in derived.items():
         if not torch.is_floating_point(v):
@@ -159,9 +182,9 @@ def delta_state_dict(derived: dict, base: dict, rel_tol: float = 0.05, max_rank:
             out[k + "::V"] = Vh[:r].float().half().contiguous()
             info[k] = {"kind": "lowrank", "shape": list(v.shape), "rank": r}
         else:
-            q, s = quantize_tensor(d, "int8")
+            q, s = quantize_tensor(d, fallback, group)
             out[k], out[k + "::scale"] = q.contiguous(), s.contiguous()
-            info[k] = {"kind": "delta_int8", "shape": list(v.shape)}
+            info[k] = {"kind": f"delta_{fallback}", "shape": list(v.shape), "group": group}
     return out, {"jd.delta": json.dumps(info)}
 
 
@@ -196,9 +219,9 @@ def load_delta(path: str, base: dict, dtype: torch.dtype = torch.float32) -> dic
             elif kind == "lowrank":
                 d = f.get_tensor(k + "::U").float() @ f.get_tensor(k + "::V").float()
                 v = base[k].float() + d.reshape(i["shape"])
-            elif kind == "delta_int8":
-                v = base[k].float() + dequantize_tensor(f.get_tensor(k), f.get_tensor(k + "::scale"), "int8",
-                                                        i["shape"])
+            elif kind in ("delta_int8", "delta_int2"):
+                v = base[k].float() + dequantize_tensor(f.get_tensor(k), f.get_tensor(k + "::scale"), kind[6:],
+                                                        i["shape"], i.get("group", 64))
             else:
                 raise ValueError(f"{path}: unknown entry kind {kind!r} for {k!r}")
             out[k] = v.to(dtype)

@@ -4,9 +4,10 @@
     python -m jointcore.family.ship install [--from weights/default_family] [--to INSTALL_DIR]
 
 ``export`` writes the small form: the text-to-image UNet in int8 (per output channel), the autoencoder and the
-Diff-2-in-1 head in fp16, and every model fine-tuned from the text-to-image UNet (predictors, both JointNet
-branches of both variants) as a low-rank delta against the *int8-rounded* UNet (so the delta also absorbs the
-rounding), plus each folder's small JSON files and ``manifest.json`` (files, sizes, SHA-256). The frozen CLIP-L
+Diff-2-in-1 head in fp16, and every model
+fine-tuned from the text-to-image UNet (predictors, both JointNet branches of both variants) as its delta from
+that UNet (low-rank where it is, else 2 bits per weight; a frozen branch costs nothing), added to the int8 UNet
+on install, plus each folder's small JSON files and ``manifest.json`` (files, sizes, SHA-256). The frozen CLIP-L
 text encoder is never shipped: ``install`` generates it bit-identically (``jointcore.models.random_clip``), takes
 the tokenizer from ComfyUI (:func:`jointcore.family.build.find_tokenizer`), rebuilds every folder in the
 layout the build writes (``base/``, ``predictor_depth/model`` …), and assembles the ComfyUI checkpoint.
@@ -43,6 +44,7 @@ SMALL = ("base/scheduler/scheduler_config.json", "base/model_index.json",
 #: components of a predictor folder that are the base's own (linked on install)
 SHARED = ("vae", "text_encoder", "tokenizer")
 DELTA_TOL = 0.02
+DELTA_FALLBACK = "int2"   # a delta that is not low-rank: 2 bits per weight (see jointcore.family.quantize)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "head.safetensors")
 MANIFEST = "manifest.json"
 
@@ -69,7 +71,7 @@ def export(cache: Path, dest: Path, delta_tol: float = DELTA_TOL) -> dict:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    base_q = None
+    base_f = None
     files = {}
     for rel, how in WEIGHTS:
         src = cache / rel
@@ -85,21 +87,62 @@ def export(cache: Path, dest: Path, delta_tol: float = DELTA_TOL) -> dict:
                       str(target))
         elif how == "int8":
             Q.save_quantized(sd, str(target), "int8")
-            base_q = Q.load_quantized(str(target))
+            base_f = sd
         else:
-            if base_q is None:
+            if base_f is None:
                 raise RuntimeError("the int8 base must be exported before the deltas")
-            Q.save_delta(sd, base_q, str(target), rel_tol=delta_tol)
+            # the delta from the weights the model was fine-tuned from: a frozen branch is not stored at all
+            Q.save_delta(sd, base_f, str(target), rel_tol=delta_tol, fallback=DELTA_FALLBACK)
         files[str(target.relative_to(dest))] = {"bytes": target.stat().st_size, "sha256": _sha256(target),
                                                 "from": f"{rel}/{w.name}", "stored": how}
     for rel in SMALL:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(cache / rel, dest / rel)
     manifest = {"format": "jointdiffusion.family.shipped", "version": 1, "delta_rel_tol": delta_tol,
+                "delta_fallback": DELTA_FALLBACK,
                 "total_bytes": sum(f["bytes"] for f in files.values()), "files": files}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (dest / "MODEL_CARD.md").write_text(model_card(cache, manifest))
     return manifest
+
+
+def headline_metrics(m: dict) -> str:
+    """A short table of the report's headline figures (``docs/quality/metrics.json``); sections missing from
+    ``m`` are left out."""
+    rows = []
+
+    def row(what, value, target=""):
+        rows.append(f"| {what} | {value} | {target} |")
+
+    if m.get("vae"):
+        row("autoencoder PSNR", f"{m['vae']['psnr_mean_db']:.2f} dB", "≥ 28 dB")
+    if m.get("t2i"):
+        row("text → image: first named colour present", f"{100 * m['t2i']['samples']['first']:.1f} %", "≥ 70 %")
+    p = m.get("predictor", {}).get("after E2E-FT")
+    if p:
+        row("depth AbsRel, E2E-FT trailing 1 step / leading 1 step",
+            f"{p['trailing, 1 step']['abs_rel']:.4f} / {p['leading, 1 step']['abs_rel']:.4f}", "≤ 0.08 / worse")
+    n = m.get("predictor", {}).get("normals", {}).get("trailing, 1 step")
+    if n:
+        row("normals mean angular error, 1 step", f"{n['mean_deg']:.1f}°")
+    j = m.get("jointnet")
+    if j:
+        row("JointNet image → depth AbsRel (predictor's)",
+            f"{j['image_to_depth']['abs_rel']:.4f} ({j['predictor']['abs_rel']:.4f})", "≤ 1.5× the predictor's")
+    d = m.get("diff2in1")
+    if d:
+        row("Diff-2-in-1 head AbsRel, warm-up → self-improved",
+            f"{d['warm-up']['abs_rel']:.4f} → {d['self-improved']['abs_rel']:.4f}", "lower")
+    pano = m.get("panorama", {}).get("360")
+    if pano:
+        row("360° panorama intra-view LPIPS (random Alex), MultiDiffusion / SyncDiffusion",
+            f"{pano['MultiDiffusion']['intra_lpips_alex_random']:.4f} / "
+            f"{pano['SyncDiffusion']['intra_lpips_alex_random']:.4f}", "Sync lower")
+    if m.get("mesh"):
+        row("mesh Chamfer, predicted vs true depth", f"{m['mesh']['chamfer_m']:.3f} m")
+    if not rows:
+        return "(no measurements yet)"
+    return "| measure | value | target |\n|---|---|---|\n" + "\n".join(rows)
 
 
 def model_card(cache: Path, manifest: dict) -> str:
@@ -128,9 +171,12 @@ Stable Diffusion, Marigold, E2E-FT or JointNet checkpoints.
 |---|---|---|
 {rows}
 
-`int8`: per-output-channel 8-bit weights with fp16 scales; `delta`: the difference from the int8-rounded
-text-to-image UNet, each large matrix truncated by SVD to a relative error of {manifest['delta_rel_tol']:g}
-(int8 when no low rank suffices); `fp16`: as trained, in half precision (`jointcore.family.quantize`). Not
+`int8`: per-output-channel 8-bit weights with fp16 scales; `delta`: the difference from the text-to-image
+UNet it was fine-tuned from (added to the int8 UNet on install), each large matrix truncated by SVD to a
+relative error of {manifest['delta_rel_tol']:g}, or, when no low rank suffices,
+{manifest.get('delta_fallback', 'int8')} per group of 64 with the group's RMS as scale; a frozen branch equal to the
+UNet is not stored; `fp16`: as trained, in half precision (`jointcore.family.quantize`). What this costs is
+measured in the report's quantisation section (the shipped form against the full-precision build). Not
 shipped: the frozen CLIP-L text encoder, generated bit-identically on every machine
 (`jointcore.models.random_clip`, SHA-256-pinned), and the CLIP tokenizer, taken from ComfyUI.
 `python -m jointcore.family.ship install` (run automatically on first use) rebuilds the diffusers folders
@@ -173,14 +219,38 @@ python -m jointcore.family.ship export    # writes weights/default_family/
 
 ## Measured quality
 
-`python -m jointcore.family.report --out docs/quality.md --scenes 200` — see
+`python -m jointcore.family.report --out docs/quality.md --scenes 200` — the full report with figures is
 [docs/quality.md](../../docs/quality.md){' (metrics in docs/quality/metrics.json)' if quality.is_file() else ''}.
+Headline figures, measured with the full-precision build on held-out scenes:
+
+{headline_metrics(json.loads(quality.read_text()) if quality.is_file() else {{}})}
 
 ## Licence
 
 GPL-3.0, as the repository. Trained only on data generated by this repository; no third-party weights or
 data sets are involved (the text encoder is random).
 """
+
+
+def shipped_weights(src: Path, only: Optional[Sequence[str]] = None):
+    """Yield ``(folder, weight file name, float state dict)`` for every shipped weight file of ``src`` (or the
+    folders in ``only``), rebuilt as install writes them: int8 dequantised, deltas added to the int8 UNet."""
+    from safetensors.torch import load_file
+
+    base_q = None
+    for rel, how in WEIGHTS:
+        if only is not None and rel not in only and how != "int8":
+            continue
+        shipped = next((src / rel).glob(f"*.{how}.safetensors"))
+        name = shipped.name.replace(f".{how}.safetensors", ".safetensors")
+        if how == "fp16":
+            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(shipped)).items()}
+        elif how == "int8":
+            sd = base_q = Q.load_quantized(str(shipped))
+        else:
+            sd = Q.load_delta(str(shipped), base_q)
+        if only is None or rel in only:
+            yield rel, name, sd
 
 
 def install(src: Path, dest: Path, tokenizer: Optional[str] = None, log=print, make_base=None,
@@ -190,7 +260,7 @@ def install(src: Path, dest: Path, tokenizer: Optional[str] = None, log=print, m
 
     ``make_base(folder)`` replaces the generation of ``base/`` (text encoder, tokenizer, scheduler) in tests;
     ``checkpoint=False`` skips the single-file checkpoint."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from jointcore.family import build as B
 
@@ -214,20 +284,11 @@ def install(src: Path, dest: Path, tokenizer: Optional[str] = None, log=print, m
     for rel in SMALL:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, tmp / rel)
-    base_q = None
-    for rel, how in WEIGHTS:
-        s, d = src / rel, tmp / rel
+    for rel, name, sd in shipped_weights(src):
+        d = tmp / rel
         d.mkdir(parents=True, exist_ok=True)
-        for j in s.glob("*.json"):
+        for j in (src / rel).glob("*.json"):
             shutil.copy2(j, d / j.name)
-        shipped = next(s.glob(f"*.{how}.safetensors"))
-        name = shipped.name.replace(f".{how}.safetensors", ".safetensors")
-        if how == "fp16":
-            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(shipped)).items()}
-        elif how == "int8":
-            sd = base_q = Q.load_quantized(str(shipped))
-        else:
-            sd = Q.load_delta(str(shipped), base_q)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(d / name))
     for stage in ("predictor_depth", "predictor_normals"):
         for comp in SHARED:

@@ -76,7 +76,8 @@ def test_export_install_round_trip_loads_every_model(tmp_path):
         a = load_file(str(S._weight_file(build / rel)))
         b = load_file(str(S._weight_file(out / rel)))
         assert set(a) == set(b), rel
-        worst = max(float((a[k].float() - b[k].float()).abs().max() / (a[k].float().abs().max() + 1e-8))
+        # relative Frobenius error per tensor: int8 rounding, plus a 2-bit delta (≈ 0.35 of the delta's own norm)
+        worst = max(float((a[k].float() - b[k].float()).norm() / (a[k].float().norm() + 1e-8))
                     for k in a if a[k].is_floating_point())
         assert worst < 0.05, (rel, worst)
     # and every folder loads with the pack's loaders
