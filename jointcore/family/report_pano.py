@@ -62,7 +62,7 @@ def section_panorama(ctx) -> tuple[str, dict]:
     from jointcore.data import world as W
     from jointcore.denoiser import DiffusersUNetDenoiser, TextConditioning
     from jointcore.metrics_pano import load_lpips, seam_score
-    from jointcore.tiled import tiled_sample
+    from jointcore.tiled import decode_circular_padded, tiled_sample
 
     base = ctx.cache / "base"
     if not (base / "unet" / "config.json").is_file():
@@ -94,8 +94,9 @@ def section_panorama(ctx) -> tuple[str, dict]:
                 x = torch.randn(1, 4, 8, geo["width"] // 8, generator=g)
                 lat = tiled_sample(den, x, ts, TextConditioning(embed([p]), empty, GUIDANCE), cfg, generator=g,
                                    decode=lambda z: codec.decode(z), perceptual=lambda a, b: guide(a, b))
-                with torch.no_grad():
-                    out.append(((codec.decode(lat).float().clamp(-1, 1) + 1) / 2))
+                with torch.no_grad():  # a 360° panorama is decoded across its seam, as the pack's nodes do
+                    img = decode_circular_padded(codec.decode, lat) if geo["circular"] else codec.decode(lat)
+                    out.append(((img.float().clamp(-1, 1) + 1) / 2))
             runs[name] = torch.cat(out)
         m = {}
         with torch.no_grad():

@@ -20,6 +20,9 @@ def _fake_family(root):
     tiny_text_encoder(hidden_size=32).save_pretrained(str(base / "text_encoder"))
     tiny_clip_tokenizer(str(root / "tok")).save_pretrained(str(base / "tokenizer"))
     tiny_unet(cross_attention_dim=32).save_pretrained(str(base / "unet"))
+    (base / "scheduler").mkdir(parents=True, exist_ok=True)
+    (base / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    (base / "model_index.json").write_text("{}")
     return root
 
 
@@ -65,9 +68,13 @@ def test_every_section_runs_on_tiny_models_of_each_stage(tmp_path):
     for sub in ("warmup", "model"):
         D.save_head(D.TaskHead(D.HeadConfig("depth", list(ext.channels((8, 8), 4)), None, width=8, upscale_steps=1)),
                     str(cache / "diff2in1" / sub))
+    from jointcore.family import ship
+
+    ship.export(cache, tmp_path / "shipped")
     out = tmp_path / "docs" / "quality.md"
     assert R.main(["--cache", str(cache), "--out", str(out), "--scenes", "3", "--pano-scenes", "1",
-                   "--sections", "predictor,jointnet,diff2in1,panorama,mt_restoration,mesh,quantization"]) == 0
+                   "--shipped", str(tmp_path / "shipped"), "--sections",
+                   "predictor,jointnet,diff2in1,panorama,mt_restoration,mesh,quantization,shipped"]) == 0
     text = out.read_text()
     m = json.loads((out.parent / "quality" / "metrics.json").read_text())
     assert "Not built yet" not in text
@@ -77,7 +84,10 @@ def test_every_section_runs_on_tiny_models_of_each_stage(tmp_path):
         assert all(0 <= v["abs_rel"] < 10 and 0 <= v["delta1"] <= 1 for v in m["predictor"][k].values())
     assert m["predictor"]["normals"]["trailing, 1 step"]["mean_deg"] > 0
     assert set(m["jointnet"]) == {"image_to_depth", "predictor", "text_to_rgbd", "depth_to_image"}
-    assert set(m["diff2in1"]) == {"warm-up", "self-improved"}
+    assert set(m["diff2in1"]) == {"warm-up", "self-improved", "paired_gain"}
+    g = m["diff2in1"]["paired_gain"]
+    assert g["scenes"] > 1 and g["standard_error"] > 0
+    assert abs(g["mean"] - (m["diff2in1"]["warm-up"]["abs_rel"] - m["diff2in1"]["self-improved"]["abs_rel"])) < 1e-6
     assert set(m["panorama"]["360"]) == {"ground truth", "MultiDiffusion", "SyncDiffusion", "JointNet tiles"}
     mt = m["mt_restoration"]
     assert mt["latent_outside_max_abs"] == 0.0  # the known region is kept exactly (in latent space)
@@ -86,6 +96,10 @@ def test_every_section_runs_on_tiny_models_of_each_stage(tmp_path):
     q = m["quantization"]
     assert set(q["t2i"]) == set(q["predictor_depth"]) == {"fp32", "int8", "int4"}
     assert q["t2i"]["fp32"]["psnr_vs_fp32_db"] == 99 and q["t2i"]["int4"]["psnr_vs_fp32_db"] < 99
+    sh = m["shipped"]
+    assert sh["total_mb"] > 0 and 0 < sh["jointnet"]["relative_eps_error"] < 0.5
+    assert sh["jointnet_inpaint"]["relative_eps_error"] > 0      # lossy, and measured through the masked input
+    assert sh["predictor_depth"]["full"] > 0 and sh["predictor_normals"]["shipped"] > 0
     assert m["mesh"]["chamfer_m"] > 0 and m["mesh"]["chamfer_flat_m"] > 0
     assert all(v["seam"] > 0 and v["intra_lpips_alex_random"] > 0 for v in m["panorama"]["360"].values())
     for fig in ("predictor_depth_absrel.png", "jointnet.png", "diff2in1_absrel.png", "panorama_360.png",
