@@ -6,8 +6,8 @@
 ``export`` writes the small form: the text-to-image UNet in int8 (per output channel), the autoencoder and the
 Diff-2-in-1 head in fp16, and every model
 fine-tuned from the text-to-image UNet (predictors, both JointNet branches of both variants) as its delta from
-that UNet (low-rank where it is, else 2 bits per weight; a frozen branch costs nothing), added to the int8 UNet
-on install, plus each folder's small JSON files and ``manifest.json`` (files, sizes, SHA-256). The frozen CLIP-L
+the weights it was tuned from (low-rank where it is, else 3 or 2 bits per weight; a frozen branch costs
+nothing), added to their shipped form on install, plus each folder's small JSON files and ``manifest.json`` (files, sizes, SHA-256). The frozen CLIP-L
 text encoder is never shipped: ``install`` generates it bit-identically (``jointcore.models.random_clip``), takes
 the tokenizer from ComfyUI (:func:`jointcore.family.build.find_tokenizer`), rebuilds every folder in the
 layout the build writes (``base/``, ``predictor_depth/model`` …), and assembles the ComfyUI checkpoint.
@@ -37,6 +37,13 @@ WEIGHTS = (
     ("jointnet_inpaint/model/jointnet", "delta"),
     ("diff2in1/model", "fp16"),
 )
+#: each delta's reference (the weights it was fine-tuned from; default the text-to-image UNet) and the bits of
+#: a delta that is not low-rank: 3 where fine-tuning moved the weights far (4–7 % of their norm), 2 where it
+#: moved them little (the inpaint stage: under 2 %), so that both cost about the same in accuracy
+DELTA_FROM = {"jointnet_inpaint/model/jointnet": "jointnet/model/jointnet"}
+DELTA_BITS = {"predictor_depth/model/unet": "int3", "predictor_normals/model/unet": "int3",
+              "jointnet/model/jointnet": "int3", "jointnet_inpaint/model/unet": "int2",
+              "jointnet_inpaint/model/jointnet": "int2"}
 #: small files copied as they are (relative to the build cache)
 SMALL = ("base/scheduler/scheduler_config.json", "base/model_index.json",
          "predictor_depth/model/model_index.json", "predictor_depth/model/scheduler/scheduler_config.json",
@@ -44,7 +51,6 @@ SMALL = ("base/scheduler/scheduler_config.json", "base/model_index.json",
 #: components of a predictor folder that are the base's own (linked on install)
 SHARED = ("vae", "text_encoder", "tokenizer")
 DELTA_TOL = 0.02
-DELTA_FALLBACK = "int2"   # a delta that is not low-rank: 2 bits per weight (see jointcore.family.quantize)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "head.safetensors")
 MANIFEST = "manifest.json"
 
@@ -71,7 +77,7 @@ def export(cache: Path, dest: Path, delta_tol: float = DELTA_TOL) -> dict:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    base_f = None
+    trained = {}   # the float weights as trained, the references of the deltas
     files = {}
     for rel, how in WEIGHTS:
         src = cache / rel
@@ -87,19 +93,22 @@ def export(cache: Path, dest: Path, delta_tol: float = DELTA_TOL) -> dict:
                       str(target))
         elif how == "int8":
             Q.save_quantized(sd, str(target), "int8")
-            base_f = sd
         else:
-            if base_f is None:
-                raise RuntimeError("the int8 base must be exported before the deltas")
+            ref = DELTA_FROM.get(rel, "base/unet")
+            if ref not in trained:
+                raise RuntimeError(f"{ref} must be exported before the delta {rel}")
             # the delta from the weights the model was fine-tuned from: a frozen branch is not stored at all
-            Q.save_delta(sd, base_f, str(target), rel_tol=delta_tol, fallback=DELTA_FALLBACK)
+            Q.save_delta(sd, trained[ref], str(target), rel_tol=delta_tol, fallback=DELTA_BITS.get(rel, "int3"))
+        trained[rel] = sd
         files[str(target.relative_to(dest))] = {"bytes": target.stat().st_size, "sha256": _sha256(target),
                                                 "from": f"{rel}/{w.name}", "stored": how}
+        if how == "delta":
+            files[str(target.relative_to(dest))].update(reference=DELTA_FROM.get(rel, "base/unet"),
+                                                        bits=DELTA_BITS.get(rel, "int3"))
     for rel in SMALL:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(cache / rel, dest / rel)
     manifest = {"format": "jointdiffusion.family.shipped", "version": 1, "delta_rel_tol": delta_tol,
-                "delta_fallback": DELTA_FALLBACK,
                 "total_bytes": sum(f["bytes"] for f in files.values()), "files": files}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (dest / "MODEL_CARD.md").write_text(model_card(cache, manifest))
@@ -138,6 +147,11 @@ def headline_metrics(m: dict) -> str:
         row("360° panorama intra-view LPIPS (random Alex), MultiDiffusion / SyncDiffusion",
             f"{pano['MultiDiffusion']['intra_lpips_alex_random']:.4f} / "
             f"{pano['SyncDiffusion']['intra_lpips_alex_random']:.4f}", "Sync lower")
+    sh = m.get("shipped")
+    if sh:
+        row("the shipped form: depth AbsRel / JointNet ε error / inpaint ε error",
+            f"{sh['predictor_depth']['shipped']:.4f} / {sh['jointnet']['relative_eps_error']:.3f} / "
+            f"{sh['jointnet_inpaint']['relative_eps_error']:.3f}", "AbsRel within 10 %, ε under 5 %")
     if m.get("mesh"):
         row("mesh Chamfer, predicted vs true depth", f"{m['mesh']['chamfer_m']:.3f} m")
     if not rows:
@@ -171,11 +185,12 @@ Stable Diffusion, Marigold, E2E-FT or JointNet checkpoints.
 |---|---|---|
 {rows}
 
-`int8`: per-output-channel 8-bit weights with fp16 scales; `delta`: the difference from the text-to-image
-UNet it was fine-tuned from (added to the int8 UNet on install), each large matrix truncated by SVD to a
-relative error of {manifest['delta_rel_tol']:g}, or, when no low rank suffices,
-{manifest.get('delta_fallback', 'int8')} per group of 64 with the group's RMS as scale; a frozen branch equal to the
-UNet is not stored; `fp16`: as trained, in half precision (`jointcore.family.quantize`). What this costs is
+`int8`: per-output-channel 8-bit weights with fp16 scales; `delta`: the difference from the weights it was
+fine-tuned from (the text-to-image UNet, or the stage-1 JointNet branch for the inpaint variant's; added to
+their shipped form on install), each large matrix truncated by SVD to a relative error of
+{manifest['delta_rel_tol']:g}, or, when no low rank suffices, 3 or 2 bits per weight (uniform levels per group
+of 64 scaled by the group's RMS); a frozen branch equal to its reference is not stored; `fp16`: as trained, in
+half precision (`jointcore.family.quantize`). What this costs is
 measured in the report's quantisation section (the shipped form against the full-precision build). Not
 shipped: the frozen CLIP-L text encoder, generated bit-identically on every machine
 (`jointcore.models.random_clip`, SHA-256-pinned), and the CLIP tokenizer, taken from ComfyUI.
@@ -237,18 +252,24 @@ def shipped_weights(src: Path, only: Optional[Sequence[str]] = None):
     folders in ``only``), rebuilt as install writes them: int8 dequantised, deltas added to the int8 UNet."""
     from safetensors.torch import load_file
 
-    base_q = None
+    manifest = json.loads((src / MANIFEST).read_text())
+    refs = {v["from"].rsplit("/", 1)[0]: v.get("reference", "base/unet") for v in manifest["files"].values()
+            if v["stored"] == "delta"}
+    needed = set(refs.values()) if only is not None else set()
+    rebuilt = {}
     for rel, how in WEIGHTS:
-        if only is not None and rel not in only and how != "int8":
+        if only is not None and rel not in only and rel not in needed:
             continue
         shipped = next((src / rel).glob(f"*.{how}.safetensors"))
         name = shipped.name.replace(f".{how}.safetensors", ".safetensors")
         if how == "fp16":
             sd = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(shipped)).items()}
         elif how == "int8":
-            sd = base_q = Q.load_quantized(str(shipped))
+            sd = Q.load_quantized(str(shipped))
         else:
-            sd = Q.load_delta(str(shipped), base_q)
+            sd = Q.load_delta(str(shipped), rebuilt[refs[rel]])
+        if rel in set(refs.values()):
+            rebuilt[rel] = sd
         if only is None or rel in only:
             yield rel, name, sd
 

@@ -1,4 +1,5 @@
 """Shipping the family: export to the small form, install back into the build layout, load every model."""
+import copy
 import json
 
 import pytest
@@ -41,8 +42,12 @@ def _fake_build(root):
         (folder / "scheduler").mkdir(parents=True)
         (folder / "scheduler" / "scheduler_config.json").write_text("{}")
         (folder / "model_index.json").write_text(json.dumps({"default_denoising_steps": 1}))
-    for stage, inpaint in (("jointnet", False), ("jointnet_inpaint", True)):
-        nudged(JointNet.from_unet(unet, has_masked_latent_input=inpaint)).save_pretrained(str(root / stage / "model"))
+    # as the build does: stage 1 from the UNet, the inpaint variant (stage 3) from stage 1
+    joint = nudged(JointNet.from_unet(unet))
+    joint.save_pretrained(str(root / "jointnet" / "model"))
+    inpaint = copy.deepcopy(joint)
+    inpaint.extend_masked_latent_conv()
+    nudged(inpaint).save_pretrained(str(root / "jointnet_inpaint" / "model"))
     ext = D.UNetFeatureExtractor(unet)
     D.save_head(D.TaskHead(D.HeadConfig("depth", list(ext.channels((8, 8), 4)), None, width=8, upscale_steps=1)),
                 str(root / "diff2in1" / "model"))
@@ -76,10 +81,12 @@ def test_export_install_round_trip_loads_every_model(tmp_path):
         a = load_file(str(S._weight_file(build / rel)))
         b = load_file(str(S._weight_file(out / rel)))
         assert set(a) == set(b), rel
-        # relative Frobenius error per tensor: int8 rounding, plus a 2-bit delta (≈ 0.35 of the delta's own norm)
-        worst = max(float((a[k].float() - b[k].float()).norm() / (a[k].float().norm() + 1e-8))
-                    for k in a if a[k].is_floating_point())
-        assert worst < 0.05, (rel, worst)
+        # relative Frobenius error of the whole model: int8 rounding of the base, plus a 3- or 2-bit delta (≈ 0.19
+        # or 0.35 of the delta's own norm); a tensor that is all delta (a zero-initialised layer) may lose more
+        keys = [k for k in a if a[k].is_floating_point()]
+        err = sum(float((a[k].float() - b[k].float()).square().sum()) for k in keys) ** 0.5
+        norm = sum(float(a[k].float().square().sum()) for k in keys) ** 0.5
+        assert err < 0.05 * norm, (rel, err / norm)
     # and every folder loads with the pack's loaders
     pred = load_predictor(str(out / "predictor_depth" / "model"))
     assert pred.unet.config.in_channels == 8
