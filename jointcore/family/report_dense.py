@@ -133,7 +133,8 @@ def section_diff2in1(ctx) -> tuple[str, dict]:
     md = (f"## Diff-2-in-1\n\nClaim: the self-improving stage (θC/θE with pairs created from unlabelled images) "
           f"improves the warmed-up head. Depth AbsRel on {len(rgb)} held-out scenes (affine-aligned): warm-up "
           f"**{res['warm-up']['abs_rel']:.4f}**, after self-improvement **{res['self-improved']['abs_rel']:.4f}**; "
-          f"paired per-scene gain {gain:+.4f} ± {se:.4f} (standard error; counted only beyond 2 SE) — "
+          f"paired per-scene gain {gain:+.5f} ± {se:.5f} (standard error; counted only beyond 2 SE), "
+          f"{100 * gain / max(res['warm-up']['abs_rel'], 1e-12):+.2f} % of the warm-up's AbsRel — "
           f"{ctx.verdict(ok)}.\n\n![AbsRel]({fig})\n")
     return md, res
 

@@ -228,7 +228,8 @@ def section_shipped(ctx) -> tuple[str, dict]:
         and all(res[s]["relative_eps_error"] < 0.05 for s in ("jointnet", "jointnet_inpaint"))
     pd, pn = res["predictor_depth"], res["predictor_normals"]
     md = (f"## The shipped form\n\n`weights/default_family` ({res['total_mb']:.1f} MB: the text-to-image UNet in "
-          f"int8, every fine-tuned model as its 2-bit delta from it, the autoencoder and head in fp16) against the "
+          f"int8, every fine-tuned model as its 3- or 2-bit delta from what it was tuned from, the autoencoder and head in "
+          f"fp16) against the "
           f"full-precision build, {len(rgb)} held-out scenes:\n\n"
           f"| model | full precision | shipped |\n|---|---|---|\n"
           f"| E2E-FT depth, AbsRel | {pd['full']:.4f} | {pd['shipped']:.4f} |\n"
