@@ -410,6 +410,44 @@ def tiny_models(comfy: Path, ui_workflows: list[Path], work: Path, models: str =
     return {"checkpoints": tuple(links), "extra_models": extra}
 
 
+#: the held-out world scene the family's runs load as their example picture (index into the held-out seeds)
+FAMILY_EXAMPLE_INDEX = 3
+FAMILY_RESOLUTION = 64   # the family was trained at 64×64: processing resolutions are capped to it
+
+
+def family_example(path: Path, width: int = 512, height: int = 384) -> str:
+    """Write a held-out scene of the procedural world (the family's own domain) as the workflows' example
+    picture and return its caption, which replaces the workflows' prompts (see :func:`family_prompts`)."""
+    sys.path.insert(0, str(REPO))
+    from PIL import Image
+
+    from jointcore.data import world as W
+
+    scenes, cam, out = W.render_seeds([W.HELDOUT_SEEDS.start + FAMILY_EXAMPLE_INDEX], height=height, width=width,
+                                      supersample=2)
+    rgb = (out["rgb"][0].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).byte().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return W.caption(scenes[0], cam)
+
+
+def family_prompts(api: dict, caption: str) -> dict:
+    """The family only knows the world's caption grammar and was trained with an empty unconditional prompt:
+    positive text prompts become ``caption``, negative ones (wired into a ``negative`` input) empty, and
+    processing resolutions are capped at the family's 64 px."""
+    api = json.loads(json.dumps(api))
+    negative = {str(v[0]) for node in api.values() for k, v in node["inputs"].items()
+                if k == "negative" and isinstance(v, list)}
+    for nid, node in api.items():
+        if node["class_type"] == "CLIPTextEncode" and isinstance(node["inputs"].get("text"), str):
+            node["inputs"]["text"] = "" if nid in negative else caption
+        for k in ("resolution", "processing_resolution"):
+            v = node["inputs"].get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > FAMILY_RESOLUTION:
+                node["inputs"][k] = FAMILY_RESOLUTION
+    return api
+
+
 def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = None, tiny: bool = True,
                   server: Optional[ComfyServer] = None, log=print, models: str = "tiny") -> dict[str, list[Path]]:
     """Start ComfyUI (unless ``server`` is given), run the shipped workflows, copy outputs to ``out_dir``."""
@@ -422,12 +460,17 @@ def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = N
         work = Path(tempfile.mkdtemp(prefix="jd-run-"))
         server = ComfyServer(comfy, work, **tiny_models(comfy, wfs, work, models)).start()
         log(f"ComfyUI {comfyui_version(comfy)} ready in {server.startup_s:.1f}s ({len(server.object_info)} nodes)")
+    if models == "family":
+        caption = family_example(server.work / "input" / EXAMPLE_IMAGE)
+        log(f"family example: held-out scene {FAMILY_EXAMPLE_INDEX}, prompt {caption!r}")
     results = {}
     try:
         for p in wfs:
             api = ui_to_api(p, server.object_info)
             if tiny:
                 api = shrink_for_tiny(api)
+            if models == "family":
+                api = family_prompts(api, caption)
             t0 = time.time()
             entry = server.run_prompt(api)
             files = server.output_files(entry)

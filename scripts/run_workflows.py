@@ -40,7 +40,7 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="jd-run-"))
         with H.ComfyServer(comfy, work, **H.tiny_models(comfy, H.workflows(), work, a.models)) as s:
             Path(a.save_object_info).write_text(json.dumps(s.object_info))
-            res = H.run_workflows(a.workflow, Path(a.out), tiny=not a.full_size, server=s)
+            res = H.run_workflows(a.workflow, Path(a.out), tiny=not a.full_size, server=s, models=a.models)
     else:
         res = H.run_workflows(a.workflow, Path(a.out), tiny=not a.full_size, models=a.models)
     print(f"outputs in {Path(a.out).resolve()}: " + ", ".join(f"{k} ({len(v)})" for k, v in res.items()))

@@ -266,3 +266,27 @@ def test_long_sampling_is_interruptible(server, wf, node, steps_key):
     summary = [(m[0], m[1].get("exception_type"), m[1].get("exception_message")) for m in st.get("messages", [])]
     assert st.get("status_str") == "error", summary
     assert any(m[0] == "execution_interrupted" for m in st.get("messages", [])), summary
+
+
+def test_family_runs_use_the_worlds_prompts_and_a_heldout_scene(server, tmp_path):
+    """With the trained family, command 1 feeds every workflow a held-out world scene and its caption (the
+    only language the family knows); negative prompts become the empty prompt it was trained with."""
+    from jointcore.data import world as W
+
+    caption = H.family_example(tmp_path / "example.png")
+    im = Image.open(tmp_path / "example.png")
+    assert im.size == (512, 384) and " room" in caption
+    scene = W.sample_scenes([W.HELDOUT_SEEDS.start + H.FAMILY_EXAMPLE_INDEX])[0]
+    assert caption == W.caption(scene, W.default_camera([scene], "perspective", 384, 512))
+    seen_negative = False
+    for wf in WORKFLOWS:
+        api = H.family_prompts(H.shrink_for_tiny(H.ui_to_api(wf, server.object_info)), caption)
+        negative = {str(v[0]) for n in api.values() for k, v in n["inputs"].items() if k == "negative"}
+        for nid, node in api.items():
+            if node["class_type"] == "CLIPTextEncode":
+                assert node["inputs"]["text"] == ("" if nid in negative else caption), (wf.name, nid)
+                seen_negative |= nid in negative
+            for k in ("resolution", "processing_resolution"):
+                if isinstance(node["inputs"].get(k), int):
+                    assert node["inputs"][k] <= H.FAMILY_RESOLUTION, (wf.name, k)
+    assert seen_negative
