@@ -5,7 +5,8 @@ workflow produced (``scripts/run_workflows.py --models family --out DIR``), with
     .venv/bin/python scripts/run_workflows.py --models family --out out/family
     .venv/bin/python scripts/workflow_thumbnails.py --from out/family
 
-A workflow whose outputs hold no image keeps its current thumbnail (and is named on the console).
+Meshes among the outputs are shown as a point-splat picture from a turned camera (:func:`mesh_preview`). A
+workflow whose outputs hold neither keeps its current thumbnail (and is named on the console).
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
+MESH_EXT = (".glb", ".ply", ".obj")
 W, H, TITLE_H = 512, 384, 44
 
 
@@ -51,6 +53,46 @@ def card(images: list, title: str):
     return img
 
 
+def mesh_preview(path: Path, size: tuple[int, int] = (384, 288), yaw_deg: float = 25.0, pitch_deg: float = -15.0):
+    """A picture of a GLB/PLY/OBJ mesh for the card: its surface sampled densely (colours from the texture or
+    the vertices) and splatted with a z-buffer from a camera turned ``yaw_deg`` off the mesh's own view axis."""
+    import numpy as np
+    import trimesh
+    from PIL import Image
+
+    mesh = trimesh.load(str(path), force="mesh")
+    pts, face = trimesh.sample.sample_surface_even(mesh, 200_000, seed=0)
+    vis = mesh.visual.to_color() if hasattr(mesh.visual, "to_color") else mesh.visual
+    col = np.asarray(vis.vertex_colors)[:, :3].astype(np.float32)
+    col = col[mesh.faces[face]].mean(1)                           # each sample: its face's mean vertex colour
+    c = pts - mesh.bounds.mean(0)
+    a, b = np.radians(yaw_deg), np.radians(pitch_deg)
+    ry = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    q = c @ (rx @ ry).T
+    ext = np.abs(q[:, :2]).max() or 1.0
+    dist = 2.2 * ext                                                 # camera on +z looking at the centre
+    z = dist - q[:, 2]
+    keep = z > 1e-3
+    w, h = size
+    f = 0.9 * min(w, h) / 2 * dist / ext
+    u = (w / 2 + f * q[keep, 0] / z[keep]).astype(int)
+    v = (h / 2 - f * q[keep, 1] / z[keep]).astype(int)
+    zz, cc = z[keep], col[keep]
+    img = np.full((h, w, 3), (24, 26, 33), np.uint8)
+    zbuf = np.full((h, w), np.inf)
+    order = np.argsort(-zz)                                          # far first, near last wins
+    for du in (0, 1):
+        for dv in (0, 1):
+            uu, vv = u[order] + du, v[order] + dv
+            ok = (uu >= 0) & (uu < w) & (vv >= 0) & (vv < h)
+            uu, vv, z2, c2 = uu[ok], vv[ok], zz[order][ok], cc[order][ok]
+            near = z2 <= zbuf[vv, uu]
+            img[vv[near], uu[near]] = c2[near].astype(np.uint8)
+            zbuf[vv[near], uu[near]] = np.minimum(zbuf[vv[near], uu[near]], z2[near])
+    return Image.fromarray(img)
+
+
 def main() -> int:
     from PIL import Image
 
@@ -62,11 +104,14 @@ def main() -> int:
     for wf in sorted((REPO / "workflows").glob("*.json")):
         outs = sorted(p for p in (src / wf.stem).rglob("*") if p.suffix.lower() in IMAGE_EXT) \
             if (src / wf.stem).is_dir() else []
-        if not outs:
-            print(f"{wf.stem}: no image outputs in {src / wf.stem}; thumbnail unchanged")
+        meshes = sorted(p for p in (src / wf.stem).rglob("*") if p.suffix.lower() in MESH_EXT) \
+            if (src / wf.stem).is_dir() else []
+        if not outs and not meshes:
+            print(f"{wf.stem}: no image or mesh outputs in {src / wf.stem}; thumbnail unchanged")
             continue
-        card([Image.open(p) for p in outs], _title(wf.stem)).save(Path(a.to) / f"{wf.stem}.jpg", quality=88)
-        print(f"{wf.stem}: {len(outs)} images")
+        pics = [Image.open(p) for p in outs] + [mesh_preview(p) for p in meshes]
+        card(pics, _title(wf.stem)).save(Path(a.to) / f"{wf.stem}.jpg", quality=88)
+        print(f"{wf.stem}: {len(outs)} images, {len(meshes)} meshes")
     return 0
 
 
