@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Optional
 
@@ -70,23 +71,63 @@ def register_model_folder(name: str, extensions: Optional[set] = None) -> str:
     return d
 
 
+_LOG = logging.getLogger("jointdiffusion")
+
+#: bounds of a model-folder listing (it runs inside the server's request handling, so it must never stall it)
+LIST_MAX_DEPTH = 4          # folder levels below models/<name>/ searched for model folders
+LIST_MAX_DIRS = 2000        # folders visited per listing before it stops (with a log line)
+LIST_CACHE_S = 5.0          # a listing is reused for this long unless a searched folder's mtime changes
+_LIST_CACHE: dict = {}
+
+
 def list_model_dirs(name: str, marker: Optional[Callable[[str], bool]] = None) -> list[str]:
-    """Sub-folders (diffusers layouts) of every registered ``models/<name>`` path, relative names."""
+    """Sub-folders (diffusers layouts) of every registered ``models/<name>`` path, relative names.
+
+    Bounded: symlinks are followed but every real folder is visited once (a symlink loop ends), at most
+    :data:`LIST_MAX_DEPTH` levels deep and :data:`LIST_MAX_DIRS` folders in all; the result is cached for
+    :data:`LIST_CACHE_S` seconds while the searched base folders keep their modification times."""
+    import time
+
     import folder_paths
 
-    out = []
-    for base in folder_paths.get_folder_paths(name):
-        if not os.path.isdir(base):
-            continue
-        for root, dirs, _files in os.walk(base, followlinks=True):
-            dirs.sort()
-            rel = os.path.relpath(root, base)
-            if rel == ".":
+    bases = [b for b in folder_paths.get_folder_paths(name) if os.path.isdir(b)]
+    stamp = tuple((b, os.stat(b).st_mtime_ns) for b in bases)
+    key = (name, marker)
+    hit = _LIST_CACHE.get(key)
+    if hit is not None and hit[0] == stamp and time.monotonic() - hit[1] < LIST_CACHE_S:
+        return list(hit[2])
+    out, seen, visited = [], set(), 0
+    for base in bases:
+        stack = [(base, 0)]
+        while stack:
+            path, depth = stack.pop()
+            try:
+                real = os.path.realpath(path)
+            except OSError:
                 continue
-            if marker is None or marker(root):
+            if real in seen:
+                continue
+            seen.add(real)
+            visited += 1
+            if visited > LIST_MAX_DIRS:
+                _LOG.warning("[JointDiffusion] listing models/%s stopped after %d folders; move unrelated folders "
+                             "out of %s", name, LIST_MAX_DIRS, base)
+                stack.clear()
+                break
+            rel = os.path.relpath(path, base)
+            if rel != "." and (marker is None or marker(path)):
                 out.append(rel.replace(os.sep, "/"))
-                dirs[:] = []  # do not descend into a model folder
-    return sorted(set(out))
+                continue  # do not descend into a model folder
+            if depth >= LIST_MAX_DEPTH:
+                continue
+            try:
+                subs = sorted(e.path for e in os.scandir(path) if e.is_dir())
+            except OSError:
+                continue
+            stack.extend((d, depth + 1) for d in reversed(subs))
+    result = sorted(set(out))
+    _LIST_CACHE[key] = (stamp, time.monotonic(), result)
+    return list(result)
 
 
 def resolve_model_dir(name: str, rel: str) -> str:

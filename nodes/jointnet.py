@@ -31,7 +31,8 @@ CAT = CATEGORY + "/jointnet"
 
 
 def _is_jointnet(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, sub, "config.json")) for sub in ("unet", "jointnet"))
+    """A JointNet folder, or a partly valid one (one branch): listed, so that the loader says what is missing."""
+    return any(os.path.isfile(os.path.join(path, sub, "config.json")) for sub in ("unet", "jointnet"))
 
 
 def _choices():

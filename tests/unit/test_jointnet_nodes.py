@@ -130,3 +130,47 @@ def test_panorama_node_equals_jointcore_tiled_sample(mod, tmp_path):
     (inpaint,) = mod.JDJointNetLoader().load("tiny_inpaint", "auto", "epsilon")
     with pytest.raises(ValueError, match="joint-generation model"):
         node.sample(inpaint, pos, neg, empty, "jointnet", 5, 3, 4.0, 64, 0, False, 2, 1.0)
+
+
+def test_model_listing_is_bounded_and_lists_partly_valid_folders(mod, tmp_path, caplog):
+    """A symlink loop, a deep tree and many folders never stall the listing (it runs in the server's request
+    handling); a folder with one branch is listed so that the loader can say what is missing."""
+    import logging
+    import shutil
+    import time
+
+    from jdpack_nodetest.nodes import common
+
+    root = tmp_path / "models" / "jointnet"
+    (root / "loop" / "inner").mkdir(parents=True)
+    (root / "loop" / "inner" / "back").symlink_to(root / "loop", target_is_directory=True)   # a cycle
+    (root / "self").symlink_to(root, target_is_directory=True)                               # another
+    deep = root / "deep"
+    for i in range(12):
+        deep = deep / f"d{i}"
+    (deep / "unet").mkdir(parents=True)
+    (deep / "unet" / "config.json").write_text("{}")                                          # too deep: ignored
+    shutil.copytree(root / "tiny" / "unet", root / "half" / "unet")                          # no jointnet/ branch
+    t0 = time.monotonic()
+    names = mod.JDJointNetLoader.INPUT_TYPES()["required"]["jointnet"][0]
+    assert time.monotonic() - t0 < 2
+    assert "tiny" in names and "half" in names and not any(n.startswith("deep") for n in names)
+    assert not any("back" in n or n.startswith("self/self") for n in names)
+    with pytest.raises(FileNotFoundError, match="missing jointnet/config.json"):   # the loader names what is missing
+        mod.JDJointNetLoader().load("half", "auto", "epsilon")
+    # many folders: the walk stops at the bound instead of visiting them all
+    for i in range(60):
+        (root / "many" / f"f{i:03d}").mkdir(parents=True)
+    old = common.LIST_MAX_DIRS
+    common.LIST_MAX_DIRS = 20
+    try:
+        common._LIST_CACHE.clear()
+        with caplog.at_level(logging.WARNING, logger="jointdiffusion"):
+            common.list_model_dirs("jointnet", mod._is_jointnet)
+        assert "stopped after 20 folders" in caplog.text
+    finally:
+        common.LIST_MAX_DIRS = old
+        common._LIST_CACHE.clear()
+    # a new model folder shows up (the base folder's mtime changes, so the cached listing is not reused)
+    shutil.copytree(root / "tiny", root / "tiny2")
+    assert "tiny2" in mod.JDJointNetLoader.INPUT_TYPES()["required"]["jointnet"][0]
