@@ -97,10 +97,18 @@ class ComfyRun:
         return (out.double() / self.scale(self.last)).to(like.dtype)
 
 
+def no_steps(sigmas) -> bool:
+    """A schedule with no step (0 or 1 σ, e.g. from SplitSigmas or steps = 0): the KSAMPLER functions then
+    return their input unchanged, as ComfyUI's own samplers do."""
+    return sigmas is None or len(sigmas) <= 1
+
+
 def comfy_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 0.0):
     """KSAMPLER function: jointcore DDIM on the model's discrete timesteps nearest to ``sigmas``."""
     from ..jointcore.sampling import ddim_sample
 
+    if no_steps(sigmas):
+        return x
     run = ComfyRun(model, x, sigmas, extra_args, callback)
     gen = torch.Generator().manual_seed(run.seed + 1)
     out = ddim_sample(run.denoiser, run.x_t, run.timesteps, None, eta=eta, prev_timesteps=run.prev, generator=gen,

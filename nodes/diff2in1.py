@@ -17,7 +17,7 @@ import torch
 
 from ..jointcore import diff2in1 as D
 from ..jointcore import mt_diffusion as MT
-from .comfy_denoiser import ComfyRun, make_ksampler
+from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
 from .common import (CATEGORY, bchw_to_image, image_to_bchw, list_model_dirs, offload_device, progress,
                      register_model_folder, resolve_model_dir, torch_device)
 
@@ -231,6 +231,8 @@ def mt_restore(model, x, sigmas, extra_args=None, callback=None, disable=None, m
     modality (identity encoder, weight ``modality_weight``; 0 = plain DDPM ancestral for ordinary models) and
     the known region is re-imposed after every step and copied exactly at the end.
     """
+    if no_steps(sigmas):
+        return x
     run = ComfyRun(model, x, sigmas, extra_args, callback)
     if run.last != -1:
         raise ValueError("the MT-Diffusion restore sampler needs sigmas that end at 0 (a full denoise schedule)")

@@ -12,7 +12,7 @@ import torch
 
 from ..jointcore.metrics_pano import load_lpips
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
-from .comfy_denoiser import ComfyRun, make_ksampler
+from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
 from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]
@@ -65,6 +65,9 @@ def build_config(method: str, window: int, stride: int, circular: bool, view_bat
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     if boundary < 0 or boundary % VAE_FACTOR:
         raise ValueError(f"boundary {boundary} px must be 0 or a positive multiple of {VAE_FACTOR}")
+    if stride and stride > window:   # checked here, in the pixels the user typed, not in latents below
+        raise ValueError(f"stride {stride} px > window {window} px would leave gaps between views; use a stride of "
+                         f"at most {window} px (or 0 for the method's default)")
     win = pixels_to_latent(window, "window")
     kw = dict(window=win, circular=bool(circular), view_batch=int(view_batch))
     if stride:
@@ -87,6 +90,8 @@ def build_config(method: str, window: int, stride: int, circular: bool, view_bat
 def comfy_tiled(model, x, sigmas, extra_args=None, callback=None, disable=None, config: TiledConfig = None,
                 eta: float = 0.0, vae=None, lpips_net: str = "vgg"):
     """KSAMPLER function: jointcore tiled DDIM on the model's discrete timesteps nearest to ``sigmas``."""
+    if no_steps(sigmas):
+        return x
     extra_args = dict(extra_args or {})
     if extra_args.get("denoise_mask") is not None:
         raise ValueError("the tiled panorama sampler does not support a latent noise mask; remove SetLatentNoiseMask")

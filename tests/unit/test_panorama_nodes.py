@@ -162,3 +162,22 @@ def test_tiled_decode_node(mod):
     assert n == vae.calls and n > 1  # progress advanced once per tile
     ref = tiled_decode(lambda q: vae.decode(q).movedim(-1, 1), z, tile=8, overlap=2, circular=True, context=1)
     torch.testing.assert_close(img, ref.movedim(1, -1))
+
+
+def test_tiling_errors_speak_pixels_and_stepless_schedules_return_the_input(mod, tmp_path, monkeypatch):
+    node = mod.JDTiledDiffusionSampler()
+    with pytest.raises(ValueError, match=r"stride 72 px > window 64 px"):
+        node.get_sampler("multidiffusion", 64, 72, False, 1, 0.0)
+    # a schedule with no step (0 or 1 sigma: SplitSigmas at the end, steps = 0) leaves the latent as it is, as
+    # ComfyUI's own samplers do, instead of an IndexError — for every KSAMPLER function of the pack
+    from comfy_stubs import load_node_module
+
+    dn, _ = load_node_module(monkeypatch, tmp_path, "diff2in1")
+    (tiled,) = node.get_sampler("multidiffusion", 64, 32, False, 1, 0.0)
+    from jdpack_nodetest.nodes import comfy_denoiser as CD
+
+    x = torch.randn(1, 4, 8, 16)
+    for sig in (torch.tensor([]), torch.tensor([3.5])):
+        for fn, kw in ((tiled.fn, tiled.options), (CD.comfy_ddim, {}), (dn.mt_restore, {})):
+            out = fn(None, x, sig, extra_args={"seed": 0}, **kw)
+            assert out is x, (fn, sig)
