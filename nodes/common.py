@@ -24,11 +24,27 @@ BOUNDARY_INPUT = ("INT", {"default": BOUNDARY_PX, "min": 0, "max": 4096, "step":
 
 # ---- tensors ---------------------------------------------------------------------------------------
 
-def image_to_bchw(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE ``[B,H,W,C]`` → ``[B,C,H,W]`` float32 (only the first 3 channels)."""
+def require_finite(name: str, value):
+    """Refuse a NaN or infinite float widget or tensor input by its name (JSON accepts NaN and ComfyUI's min/max
+    check lets it through): a NaN input would otherwise come back as a NaN result reported as success."""
+    import math
+
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(f"input '{name}' has {bad} NaN or infinite value(s) of {value.numel()}; check the "
+                                 f"node that produced it")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"input '{name}' is {value!r}; it must be a finite number")
+    return value
+
+
+def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE ``[B,H,W,C]`` → ``[B,C,H,W]`` float32 (only the first 3 channels); NaN/Inf are refused."""
     if image.ndim != 4:
-        raise ValueError(f"expected an IMAGE of shape [B,H,W,C], got {tuple(image.shape)}")
-    return image[..., :3].permute(0, 3, 1, 2).float().contiguous()
+        raise ValueError(f"expected an IMAGE of shape [B,H,W,C] for '{name}', got {tuple(image.shape)}")
+    return require_finite(name, image[..., :3].permute(0, 3, 1, 2).float().contiguous())
 
 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..jointcore import schedules as S
 from ..jointcore.denoiser import TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
 from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, list_model_dirs, mask_to_b1hw, offload_device,
-                     progress, register_model_folder, resolve_model_dir, torch_device)
+                     progress, register_model_folder, require_finite, resolve_model_dir, torch_device)
 
 FOLDER = "jointnet"
 register_model_folder(FOLDER)
@@ -138,6 +138,8 @@ class JDJointEncode:
         if image is None and depth is None:
             raise ValueError("connect an image, a depth map or both")
         rgb_lat = dense_lat = None
+        require_finite("image", image)
+        require_finite("depth", depth)
         if image is not None:
             rgb_lat = vae.encode(_crop8(image[..., :3])).float()
         if depth is not None:
@@ -253,7 +255,10 @@ class JDJointKSampler:
     def sample(self, jointnet, positive, negative, joint_latent, task, seed, steps, cfg, sampler, eta, denoise,
                image_mask=None, depth_mask=None):
         b: JointNetBundle = jointnet
-        z = joint_latent["samples"]
+        z = require_finite("joint_latent", joint_latent["samples"])
+        for k, v in (("cfg", cfg), ("eta", eta), ("denoise", denoise), ("image_mask", image_mask),
+                     ("depth_mask", depth_mask)):
+            require_finite(k, v)
         if z.ndim != 4 or z.shape[1] != 8:
             raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
                              f"{tuple(z.shape)}")
@@ -332,7 +337,9 @@ class JDJointPanoramaSampler:
         from .panorama import build_config
 
         b: JointNetBundle = jointnet
-        z = joint_latent["samples"]
+        z = require_finite("joint_latent", joint_latent["samples"])
+        for k, v in (("cfg", cfg), ("denoise", denoise)):
+            require_finite(k, v)
         if z.ndim != 4 or z.shape[1] != 8:
             raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
                              f"{tuple(z.shape)}")

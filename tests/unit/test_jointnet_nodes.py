@@ -174,3 +174,28 @@ def test_model_listing_is_bounded_and_lists_partly_valid_folders(mod, tmp_path, 
     # a new model folder shows up (the base folder's mtime changes, so the cached listing is not reused)
     shutil.copytree(root / "tiny", root / "tiny2")
     assert "tiny2" in mod.JDJointNetLoader.INPUT_TYPES()["required"]["jointnet"][0]
+
+
+def test_non_finite_inputs_are_refused_by_name(mod):
+    """NaN/Inf never come back as a NaN result reported as success: the input is named instead."""
+    (bundle,) = mod.JDJointNetLoader().load("tiny", "fp32", "epsilon")
+    (empty,) = mod.JDJointEmptyLatent().make(64, 64, 1)
+    ks = mod.JDJointKSampler()
+    args = (bundle, _cond(), _cond(seed=1, L=8), empty, "joint_generation", 0, 1)
+    with pytest.raises(ValueError, match="input 'cfg' is nan"):
+        ks.sample(*args, float("nan"), "ddim", 0.0, 0.0)
+    with pytest.raises(ValueError, match="input 'denoise' is inf"):
+        ks.sample(*args, 4.0, "ddim", 0.0, float("inf"))
+    bad = {"samples": empty["samples"].clone()}
+    bad["samples"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input 'joint_latent' has 1 NaN"):
+        ks.sample(bundle, _cond(), _cond(seed=1, L=8), bad, "joint_generation", 0, 1, 4.0, "ddim", 0.0, 0.0)
+    with pytest.raises(ValueError, match="input 'joint_latent'"):
+        mod.JDJointPanoramaSampler().sample(bundle, _cond(), _cond(seed=1, L=8), bad, "jointnet", 0, 1, 4.0, 64, 0,
+                                            False, 1, 0.0)
+    img = torch.rand(1, 64, 64, 3)
+    img[0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="input 'image' has 3 NaN"):
+        mod.JDJointEncode().encode(FakeVAE(), image=img)
+    with pytest.raises(ValueError, match="input 'depth'"):
+        mod.JDJointEncode().encode(FakeVAE(), depth=img)

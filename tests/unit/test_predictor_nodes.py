@@ -34,6 +34,9 @@ def test_nodes_end_to_end(comfy_stubs):
     img = synthetic_images(2, 37, 29).permute(0, 2, 3, 1)  # ComfyUI IMAGE [B,H,W,C]
     node = mod.JDDepthNormalPredict()
     image, raw, unc, unc_raw = node.predict(pred, img, "depth", 0, 2, 2, 0, "trailing", "per_image")
+    nan_img = torch.full_like(img, float("nan"))    # an all-NaN image used to give a flat depth map, saved as valid
+    with pytest.raises(ValueError, match="input 'image' has .* NaN"):
+        node.predict(pred, nan_img, "depth", 0, 1, 1, 0, "trailing", "per_image")
     assert image.shape == (2, 37, 29, 3) and torch.equal(image[..., 0], image[..., 2])
     # defaults: official preprocessing, zero init → two identical members, zero uncertainty
     assert unc.shape == (2, 37, 29, 3) and unc.abs().max() == 0 and unc_raw["task"] == "uncertainty"
