@@ -54,17 +54,17 @@ def quantize_tensor(w: torch.Tensor, scheme: str, group: int = 64) -> tuple[torc
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
         return packed, s.squeeze(2).half()
     if scheme in LOW_BIT:
-        levels, step, _ = LOW_BIT[scheme]
+        levels, step = LOW_BIT[scheme]
         g = _groups(r, group)
         s = (g.square().mean(2, keepdim=True).sqrt() * step).clamp_min(1e-7).half().float()
         q = (torch.floor(g / s) + levels // 2).clamp(0, levels - 1).to(torch.int32).reshape(r.shape[0], -1)
         return _pack(q, scheme), s.squeeze(2).half()
-    raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES + ('int2',)}")
+    raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES + tuple(LOW_BIT)}")
 
 
 #: low-bit codes for deltas: (levels, step in units of the group's RMS — the uniform quantiser of least error
-#: for a Gaussian —, codes per packed unit of ``bits`` × codes bits)
-LOW_BIT = {"int2": (4, 0.996, 4), "int3": (8, 0.586, 8)}
+#: for a Gaussian)
+LOW_BIT = {"int2": (4, 0.996), "int3": (8, 0.586)}
 
 
 def _pack(q: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -165,11 +165,11 @@ def delta_state_dict(derived: dict, base: dict, rel_tol: float = 0.05, max_rank:
     """A fine-tuned model as its difference from ``base`` (the float weights it was fine-tuned from, or those
     the user's machine will have, e.g. :func:`load_quantized` of the shipped base): each large matrix's delta
     truncated by SVD to the smallest rank whose relative Frobenius error is ≤ ``rel_tol`` (at most
-    ``max_rank``; beyond that the delta is quantised with ``fallback``, ``int8`` per output channel or
-    ``int2`` per group of ``group``), small deltas in fp16, tensors equal to ``base`` not stored at all, tensors
+    ``max_rank``; beyond that the delta is quantised with ``fallback``: ``int8`` per output channel, or
+    ``int2`` / ``int3`` per group of ``group``), small deltas in fp16, tensors equal to ``base`` not stored at all, tensors
     new or reshaped relative to ``base`` in full (int8 when large). Returns ``(tensors, metadata)``."""
-    if fallback not in ("int8", "int2", "int3"):
-        raise ValueError(f"fallback must be 'int8', 'int2' or 'int3', got {fallback!r}")
+    if fallback != "int8" and fallback not in LOW_BIT:
+        raise ValueError(f"fallback must be one of {('int8',) + tuple(LOW_BIT)}, got {fallback!r}")
     out, info = {}, {}
     for k, v in derived.items():
         if not torch.is_floating_point(v):
@@ -242,7 +242,7 @@ def load_delta(path: str, base: dict, dtype: torch.dtype = torch.float32) -> dic
             elif kind == "lowrank":
                 d = f.get_tensor(k + "::U").float() @ f.get_tensor(k + "::V").float()
                 v = base[k].float() + d.reshape(i["shape"])
-            elif kind in ("delta_int8", "delta_int2", "delta_int3"):
+            elif kind.startswith("delta_") and kind[6:] in ("int8", *LOW_BIT):
                 v = base[k].float() + dequantize_tensor(f.get_tensor(k), f.get_tensor(k + "::scale"), kind[6:],
                                                         i["shape"], i.get("group", 64))
             else:

@@ -160,9 +160,9 @@ def section_quantization(ctx) -> tuple[str, dict]:
 
 
 def section_shipped(ctx) -> tuple[str, dict]:
-    """What the shipped form (``weights/default_family``: int8 UNet, 2-bit deltas, fp16) costs against the
-    full-precision build: the predictors' and the Diff-2-in-1 head's scores, and the JointNets' relative
-    ε error on held-out inputs (sampling them twice would cost minutes for the same answer)."""
+    """What the shipped form (``weights/default_family``: int8 UNet, 3- or 2-bit deltas, fp16) costs against the
+    full-precision build: the predictors' scores and the JointNets' relative ε error on held-out inputs
+    (sampling them twice would cost minutes for the same answer). The Diff-2-in-1 head ships as fp16 of itself."""
     import copy
     import json
 
@@ -196,9 +196,7 @@ def section_shipped(ctx) -> tuple[str, dict]:
                     summarise_normal_errors(normal_errors(p, normals))["mean_deg"]
             res[stage] = scores
         # JointNets: ‖ε_shipped − ε_full‖ / ‖ε_full‖ on held-out latents at three noise levels, caption-conditioned
-        from jointcore.models.sd_folder import LatentCodec
-
-        codec = LatentCodec.from_folder(str(ctx.cache / "base" / "vae"))
+        _, codec, _, _ = ctx.base_models()
         n = min(len(rgb), 32)
         lat = codec.encode(rgb[:n] * 2 - 1)
         emb = ctx.embed(caps[:n])
@@ -222,15 +220,12 @@ def section_shipped(ctx) -> tuple[str, dict]:
                 e_full, e_small = full(xt, tt, emb, **kw), small(xt, tt, emb, **kw)
                 errs.append(float((e_small - e_full).norm() / e_full.norm()))
             res[stage] = {"relative_eps_error": max(errs)}
-        if (ctx.cache / "diff2in1" / "model").is_dir():
-            res["diff2in1"] = {"note": "fp16 of the trained head"}
     ok = abs(res["predictor_depth"]["shipped"] - res["predictor_depth"]["full"]) <= 0.1 * res["predictor_depth"]["full"] \
         and all(res[s]["relative_eps_error"] < 0.05 for s in ("jointnet", "jointnet_inpaint"))
     pd, pn = res["predictor_depth"], res["predictor_normals"]
     md = (f"## The shipped form\n\n`weights/default_family` ({res['total_mb']:.1f} MB: the text-to-image UNet in "
-          f"int8, every fine-tuned model as its 3- or 2-bit delta from what it was tuned from, the autoencoder and head in "
-          f"fp16) against the "
-          f"full-precision build, {len(rgb)} held-out scenes:\n\n"
+          f"int8, every fine-tuned model as its 3- or 2-bit delta from what it was tuned from, the autoencoder and "
+          f"head in fp16) against the full-precision build, {len(rgb)} held-out scenes:\n\n"
           f"| model | full precision | shipped |\n|---|---|---|\n"
           f"| E2E-FT depth, AbsRel | {pd['full']:.4f} | {pd['shipped']:.4f} |\n"
           f"| E2E-FT normals, mean angle | {pn['full']:.2f}° | {pn['shipped']:.2f}° |\n"

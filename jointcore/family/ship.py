@@ -4,10 +4,10 @@
     python -m jointcore.family.ship install [--from weights/default_family] [--to INSTALL_DIR]
 
 ``export`` writes the small form: the text-to-image UNet in int8 (per output channel), the autoencoder and the
-Diff-2-in-1 head in fp16, and every model
-fine-tuned from the text-to-image UNet (predictors, both JointNet branches of both variants) as its delta from
-the weights it was tuned from (low-rank where it is, else 3 or 2 bits per weight; a frozen branch costs
-nothing), added to their shipped form on install, plus each folder's small JSON files and ``manifest.json`` (files, sizes, SHA-256). The frozen CLIP-L
+Diff-2-in-1 head in fp16, and every model fine-tuned from the text-to-image UNet (predictors, both JointNet
+branches of both variants) as its delta from the weights it was tuned from (low-rank where it is, else 3 or 2
+bits per weight; a frozen branch costs nothing), added to their shipped form on install, plus each folder's
+small JSON files and ``manifest.json`` (files, sizes, SHA-256, each delta's reference). The frozen CLIP-L
 text encoder is never shipped: ``install`` generates it bit-identically (``jointcore.models.random_clip``), takes
 the tokenizer from ComfyUI (:func:`jointcore.family.build.find_tokenizer`), rebuilds every folder in the
 layout the build writes (``base/``, ``predictor_depth/model`` …), and assembles the ComfyUI checkpoint.
@@ -94,17 +94,16 @@ def export(cache: Path, dest: Path, delta_tol: float = DELTA_TOL) -> dict:
         elif how == "int8":
             Q.save_quantized(sd, str(target), "int8")
         else:
-            ref = DELTA_FROM.get(rel, "base/unet")
+            ref, bits = DELTA_FROM.get(rel, "base/unet"), DELTA_BITS.get(rel, "int3")
             if ref not in trained:
                 raise RuntimeError(f"{ref} must be exported before the delta {rel}")
             # the delta from the weights the model was fine-tuned from: a frozen branch is not stored at all
-            Q.save_delta(sd, trained[ref], str(target), rel_tol=delta_tol, fallback=DELTA_BITS.get(rel, "int3"))
+            Q.save_delta(sd, trained[ref], str(target), rel_tol=delta_tol, fallback=bits)
         trained[rel] = sd
-        files[str(target.relative_to(dest))] = {"bytes": target.stat().st_size, "sha256": _sha256(target),
-                                                "from": f"{rel}/{w.name}", "stored": how}
+        entry = files[str(target.relative_to(dest))] = {"bytes": target.stat().st_size, "sha256": _sha256(target),
+                                                        "from": f"{rel}/{w.name}", "stored": how}
         if how == "delta":
-            files[str(target.relative_to(dest))].update(reference=DELTA_FROM.get(rel, "base/unet"),
-                                                        bits=DELTA_BITS.get(rel, "int3"))
+            entry.update(reference=ref, bits=bits)
     for rel in SMALL:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(cache / rel, dest / rel)
@@ -190,8 +189,8 @@ fine-tuned from (the text-to-image UNet, or the stage-1 JointNet branch for the 
 their shipped form on install), each large matrix truncated by SVD to a relative error of
 {manifest['delta_rel_tol']:g}, or, when no low rank suffices, 3 or 2 bits per weight (uniform levels per group
 of 64 scaled by the group's RMS); a frozen branch equal to its reference is not stored; `fp16`: as trained, in
-half precision (`jointcore.family.quantize`). What this costs is
-measured in the report's quantisation section (the shipped form against the full-precision build). Not
+half precision (`jointcore.family.quantize`). What this costs is measured in the report's "shipped form"
+section (the shipped form against the full-precision build; 8- and 4-bit weights in its quantisation section). Not
 shipped: the frozen CLIP-L text encoder, generated bit-identically on every machine
 (`jointcore.models.random_clip`, SHA-256-pinned), and the CLIP tokenizer, taken from ComfyUI.
 `python -m jointcore.family.ship install` (run automatically on first use) rebuilds the diffusers folders
@@ -247,19 +246,16 @@ data sets are involved (the text encoder is random).
 """
 
 
-def shipped_weights(src: Path, only: Optional[Sequence[str]] = None):
-    """Yield ``(folder, weight file name, float state dict)`` for every shipped weight file of ``src`` (or the
-    folders in ``only``), rebuilt as install writes them: int8 dequantised, deltas added to the int8 UNet."""
+def shipped_weights(src: Path):
+    """Yield ``(folder, weight file name, float state dict)`` for every shipped weight file of ``src``, rebuilt
+    as install writes them: int8 dequantised, each delta added to its rebuilt reference (from the manifest)."""
     from safetensors.torch import load_file
 
     manifest = json.loads((src / MANIFEST).read_text())
     refs = {v["from"].rsplit("/", 1)[0]: v.get("reference", "base/unet") for v in manifest["files"].values()
             if v["stored"] == "delta"}
-    needed = set(refs.values()) if only is not None else set()
     rebuilt = {}
     for rel, how in WEIGHTS:
-        if only is not None and rel not in only and rel not in needed:
-            continue
         shipped = next((src / rel).glob(f"*.{how}.safetensors"))
         name = shipped.name.replace(f".{how}.safetensors", ".safetensors")
         if how == "fp16":
@@ -268,10 +264,9 @@ def shipped_weights(src: Path, only: Optional[Sequence[str]] = None):
             sd = Q.load_quantized(str(shipped))
         else:
             sd = Q.load_delta(str(shipped), rebuilt[refs[rel]])
-        if rel in set(refs.values()):
+        if rel in refs.values():
             rebuilt[rel] = sd
-        if only is None or rel in only:
-            yield rel, name, sd
+        yield rel, name, sd
 
 
 def install(src: Path, dest: Path, tokenizer: Optional[str] = None, log=print, make_base=None,
