@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+_LOG = logging.getLogger("jointdiffusion")
+
 CATEGORY = "JointDiffusion"
 
 # tiled samplers (panorama.py, jointnet.py): the official JointNet linear boundary is 8 latents, whatever the window
@@ -54,11 +56,13 @@ def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().contiguous()
 
 
-def mask_to_b1hw(mask: Optional[torch.Tensor], batch: int, height: int, width: int) -> Optional[torch.Tensor]:
-    """ComfyUI MASK → ``[B,1,H,W]``, resized (nearest) to ``height×width`` and repeated to ``batch``."""
+def mask_to_b1hw(mask: Optional[torch.Tensor], batch: int, height: int, width: int,
+                 name: str = "mask") -> Optional[torch.Tensor]:
+    """ComfyUI MASK → ``[B,1,H,W]``, resized (nearest) to ``height×width`` and repeated to ``batch``; NaN/Inf
+    are refused by the input's ``name``."""
     if mask is None:
         return None
-    m = mask.float()
+    m = require_finite(name, mask.float())
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3:
@@ -86,8 +90,6 @@ def register_model_folder(name: str, extensions: Optional[set] = None) -> str:
         folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
     return d
 
-
-_LOG = logging.getLogger("jointdiffusion")
 
 #: bounds of a model-folder listing (it runs inside the server's request handling, so it must never stall it)
 LIST_MAX_DEPTH = 4          # folder levels below models/<name>/ searched for model folders

@@ -53,6 +53,15 @@ class JointNetBundle:
         return JointNetDenoiser(self.model, self.alphas_cumprod, self.prediction_type)
 
 
+def _joint_samples(joint_latent: dict) -> torch.Tensor:
+    """The 8-channel joint latent of a JD_JOINT_LATENT input (checked: shape, finite values)."""
+    z = require_finite("joint_latent", joint_latent["samples"])
+    if z.ndim != 4 or z.shape[1] != 8:
+        raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
+                         f"{tuple(z.shape)}")
+    return z
+
+
 def _latent(samples: torch.Tensor) -> dict:
     return {"samples": samples.float().cpu()}
 
@@ -255,28 +264,24 @@ class JDJointKSampler:
     def sample(self, jointnet, positive, negative, joint_latent, task, seed, steps, cfg, sampler, eta, denoise,
                image_mask=None, depth_mask=None):
         b: JointNetBundle = jointnet
-        z = require_finite("joint_latent", joint_latent["samples"])
-        for k, v in (("cfg", cfg), ("eta", eta), ("denoise", denoise), ("image_mask", image_mask),
-                     ("depth_mask", depth_mask)):
+        z = _joint_samples(joint_latent)
+        for k, v in (("cfg", cfg), ("eta", eta), ("denoise", denoise)):
             require_finite(k, v)
-        if z.ndim != 4 or z.shape[1] != 8:
-            raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
-                             f"{tuple(z.shape)}")
         B, _, h, w = z.shape
         if task == "masks_only":
             m_img = m_dep = 1.0
             strength = 1.0
             if "noise_mask" in joint_latent:  # SetLatentNoiseMask: the same region in both modalities
                 nm = joint_latent["noise_mask"]
-                m_img = m_dep = mask_to_b1hw(nm.reshape(-1, *nm.shape[-2:]), B, h, w)
+                m_img = m_dep = mask_to_b1hw(nm.reshape(-1, *nm.shape[-2:]), B, h, w, "noise_mask")
         else:
             m_img, m_dep, strength = JS.task_preset(task)
         if denoise > 0:
             strength = float(denoise)
         if image_mask is not None:
-            m_img = mask_to_b1hw(image_mask, B, h, w)
+            m_img = mask_to_b1hw(image_mask, B, h, w, "image_mask")
         if depth_mask is not None:
-            m_dep = mask_to_b1hw(depth_mask, B, h, w)
+            m_dep = mask_to_b1hw(depth_mask, B, h, w, "depth_mask")
         D = b.model.cross_attention_dim
         c = conditioning_embedding(positive, D, "positive")
         u = conditioning_embedding(negative, D, "negative")
@@ -337,12 +342,9 @@ class JDJointPanoramaSampler:
         from .panorama import build_config
 
         b: JointNetBundle = jointnet
-        z = require_finite("joint_latent", joint_latent["samples"])
+        z = _joint_samples(joint_latent)
         for k, v in (("cfg", cfg), ("denoise", denoise)):
             require_finite(k, v)
-        if z.ndim != 4 or z.shape[1] != 8:
-            raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
-                             f"{tuple(z.shape)}")
         if b.model.has_masked_latent_input:
             raise ValueError("panoramas need the joint-generation model (e.g. rgbd_finetune_sd21b), not the "
                              "mask-conditioned inpaint model")

@@ -186,6 +186,10 @@ def test_non_finite_inputs_are_refused_by_name(mod):
         ks.sample(*args, float("nan"), "ddim", 0.0, 0.0)
     with pytest.raises(ValueError, match="input 'denoise' is inf"):
         ks.sample(*args, 4.0, "ddim", 0.0, float("inf"))
+    nan_mask = torch.ones(1, 64, 64)
+    nan_mask[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input 'depth_mask' has 1 NaN"):
+        ks.sample(*args, 4.0, "ddim", 0.0, 0.0, depth_mask=nan_mask)
     bad = {"samples": empty["samples"].clone()}
     bad["samples"][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="input 'joint_latent' has 1 NaN"):
