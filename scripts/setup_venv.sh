@@ -6,6 +6,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
+# No wheel cache: the torch build alone is ~5.5 GB installed, and a cached copy of every wheel beside it
+# has filled small CI disks before (ENOSPC during the install).
+export PIP_NO_CACHE_DIR=1
+NEED_GB=8
+FREE_KB=$(df -Pk "$(dirname "$VENV")" 2>/dev/null | awk 'NR==2 {print $4}')
+if [ -n "${FREE_KB:-}" ] && [ "$FREE_KB" -lt $((NEED_GB * 1024 * 1024)) ]; then
+  echo "setup_venv: only $((FREE_KB / 1024)) MiB free at $(dirname "$VENV"); the venv needs about ${NEED_GB} GiB (torch 2.14.1 is a CUDA build)." >&2
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q -U pip
 CONSTRAINTS="$(mktemp)"; trap 'rm -f "$CONSTRAINTS"' EXIT
