@@ -42,6 +42,40 @@ def require_finite(name: str, value):
     return value
 
 
+def check_inputs(kwargs: dict) -> None:
+    """Refuse NaN/Inf in any float widget, tensor input (IMAGE, MASK) or tensor inside a dict input (LATENT
+    ``samples``/``noise_mask``, JD_RAW ``data``), naming the input."""
+    for k, v in kwargs.items():
+        if isinstance(v, (float, torch.Tensor)):
+            require_finite(k, v)
+        elif isinstance(v, dict):
+            for key in ("samples", "noise_mask", "data"):
+                if isinstance(v.get(key), torch.Tensor):
+                    require_finite(k if key in ("samples", "data") else f"{k} ({key})", v[key])
+
+
+def checked_inputs(mappings: dict) -> dict:
+    """Wrap each node class's FUNCTION so that :func:`check_inputs` runs on its keyword inputs first (ComfyUI
+    calls node functions with keyword arguments). Idempotent; returns ``mappings``."""
+    import functools
+
+    for cls in mappings.values():
+        name = getattr(cls, "FUNCTION", None)
+        fn = getattr(cls, name, None) if name else None
+        if fn is None or getattr(fn, "_jd_checked", False):
+            continue
+
+        def make(orig):
+            @functools.wraps(orig)
+            def wrapper(self, *args, **kwargs):
+                check_inputs(kwargs)
+                return orig(self, *args, **kwargs)
+            wrapper._jd_checked = True
+            return wrapper
+        setattr(cls, name, make(fn))
+    return mappings
+
+
 def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE ``[B,H,W,C]`` → ``[B,C,H,W]`` float32 (only the first 3 channels); NaN/Inf are refused."""
     if image.ndim != 4:

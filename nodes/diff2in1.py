@@ -18,7 +18,7 @@ import torch
 from ..jointcore import diff2in1 as D
 from ..jointcore import mt_diffusion as MT
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import (CATEGORY, bchw_to_image, image_to_bchw, list_model_dirs, offload_device, progress,
+from .common import (CATEGORY, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, offload_device, progress,
                      register_model_folder, resolve_model_dir, torch_device)
 
 HEAD_FOLDER = "diff2in1"
@@ -281,6 +281,7 @@ NODE_CLASS_MAPPINGS = {
     "JDDiff2in1CreatePairs": JDDiff2in1CreatePairs,
     "JDMTDiffusionRestoreSampler": JDMTDiffusionRestoreSampler,
 }
+checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
     "JDDiff2in1Loader": "Diff-2-in-1 Loader (SD folder + head)",
     "JDDiff2in1Predict": "Diff-2-in-1 Predict",

@@ -20,8 +20,9 @@ from ..jointcore import joint_sampling as JS
 from ..jointcore import schedules as S
 from ..jointcore.denoiser import TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
-from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, list_model_dirs, mask_to_b1hw, offload_device,
-                     progress, register_model_folder, require_finite, resolve_model_dir, torch_device)
+from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, list_model_dirs, mask_to_b1hw,
+                     offload_device, progress, register_model_folder, require_finite, resolve_model_dir,
+                     torch_device)
 
 FOLDER = "jointnet"
 register_model_folder(FOLDER)
@@ -378,6 +379,7 @@ NODE_CLASS_MAPPINGS = {
     "JDJointKSampler": JDJointKSampler,
     "JDJointPanoramaSampler": JDJointPanoramaSampler,
 }
+checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
     "JDJointNetLoader": "JD JointNet Loader",
     "JDJointEmptyLatent": "JD Joint Empty Latent",

@@ -14,7 +14,7 @@ import folder_paths
 import torch
 
 from ..jointcore import mesh as jm
-from .common import CATEGORY, image_to_bchw, progress
+from .common import CATEGORY, checked_inputs, image_to_bchw, progress
 
 
 def rgbd_pairs(image, depth) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -178,6 +178,8 @@ NODE_CLASS_MAPPINGS = {"JDRGBDToMesh": JDRGBDToMesh}
 NODE_DISPLAY_NAME_MAPPINGS = {"JDRGBDToMesh": "RGBD to Mesh (GLB/PLY/OBJ)"}
 # offered only where the running ComfyUI has a core MESH type (feature detection, no V3 API needed)
 OPTIONAL_NODES = {"JDRGBDToComfyMesh": JDRGBDToComfyMesh}
+checked_inputs(NODE_CLASS_MAPPINGS)
+checked_inputs(OPTIONAL_NODES)
 if core_mesh_class() is not None:
     NODE_CLASS_MAPPINGS["JDRGBDToComfyMesh"] = JDRGBDToComfyMesh
     NODE_DISPLAY_NAME_MAPPINGS["JDRGBDToComfyMesh"] = "RGBD to MESH (core type)"

@@ -13,7 +13,7 @@ import torch
 from ..jointcore.metrics_pano import load_lpips
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY
+from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]
 LPIPS_FOLDER = "lpips"
@@ -225,6 +225,7 @@ NODE_CLASS_MAPPINGS = {
     "JDTiledDiffusionSampler": JDTiledDiffusionSampler,
     "JDTiledVAEDecode": JDTiledVAEDecode,
 }
+checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
     "JDTiledDiffusionSampler": "Tiled Panorama Sampler (JointDiffusion)",
     "JDTiledVAEDecode": "Tiled VAE Decode, 360° (JointDiffusion)",

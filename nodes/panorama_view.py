@@ -10,7 +10,7 @@ import folder_paths
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .common import CATEGORY
+from .common import CATEGORY, checked_inputs
 
 PROJECTIONS = ["equirectangular", "cylindrical"]
 
@@ -81,4 +81,5 @@ class JDPanoramaPreview:
 
 
 NODE_CLASS_MAPPINGS = {"JDPanoramaPreview": JDPanoramaPreview}
+checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {"JDPanoramaPreview": "JD Panorama Preview (360° viewer)"}

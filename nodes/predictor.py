@@ -20,8 +20,8 @@ import folder_paths
 
 from ..jointcore import predictor as JP
 from ..jointcore import predictor_vis as V
-from .common import CATEGORY, bchw_to_image, image_to_bchw, list_model_dirs, progress, register_model_folder, \
-    resolve_model_dir
+from .common import (CATEGORY, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, progress,
+                     register_model_folder, resolve_model_dir)
 
 MODEL_FOLDER = "jointdiffusion_predictors"
 SUB = CATEGORY + "/depth"
@@ -241,6 +241,7 @@ NODE_CLASS_MAPPINGS = {
     "JDNormalsVisualize": JDNormalsVisualize,
     "JDSaveRawPrediction": JDSaveRawPrediction,
 }
+checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
     "JDPredictorLoader": "Depth/Normals Predictor Loader (Marigold, E2E-FT)",
     "JDDepthNormalPredict": "Predict Depth / Normals (trailing DDIM)",

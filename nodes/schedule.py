@@ -9,7 +9,7 @@ import torch
 from ..jointcore import prediction as P
 from ..jointcore import schedules as S
 from .comfy_denoiser import comfy_ddim, find_model_sampling, make_ksampler
-from .common import CATEGORY
+from .common import CATEGORY, checked_inputs
 
 
 def model_alphas_cumprod(model) -> torch.Tensor:
@@ -77,6 +77,7 @@ NODE_CLASS_MAPPINGS = {
     "JDTrailingDDIMSigmas": JDTrailingDDIMSigmas,
     "JDDDIMSampler": JDDDIMSampler,
 }
+checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
     "JDTrailingDDIMSigmas": "Trailing DDIM Schedule (JointDiffusion)",
     "JDDDIMSampler": "DDIM Sampler η (JointDiffusion)",
