@@ -259,11 +259,19 @@ def load_head(folder: str, map_location: str = "cpu") -> TaskHead:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p!r} missing: a Diff-2-in-1 head folder has config.json and head.safetensors "
                                     "(written by `train_diff2in1 warmup` or `self-improve`)")
-    with open(cfg_p) as f:
-        cfg = json.load(f)
+    from .models import preflight as PF
+
+    cfg = PF.read_json(cfg_p, "a Diff-2-in-1 head config")
     if cfg.pop("kind", None) != "diff2in1_head":
         raise ValueError(f"{cfg_p!r} is not a Diff-2-in-1 head config (missing kind=diff2in1_head)")
-    head = TaskHead(HeadConfig(**cfg))
+    try:
+        hcfg = HeadConfig(**cfg)
+    except TypeError as e:
+        raise ValueError(f"{cfg_p}: {e}") from None
+    meta = PF.meta_model(lambda: TaskHead(hcfg), cfg_p)
+    PF.check_size(meta, cfg_p)
+    PF.check_shapes(meta, [w_p], folder)
+    head = TaskHead(hcfg)
     head.load_state_dict(load_file(w_p, device=map_location))
     return head.eval()
 

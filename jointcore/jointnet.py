@@ -344,6 +344,8 @@ class JointNet(nn.Module):
     def from_pretrained(cls, root: Union[str, os.PathLike], torch_dtype: Optional[torch.dtype] = None,
                         device: Union[str, torch.device, None] = None) -> "JointNet":
         """Load ``<root>/unet/`` (RGB) + ``<root>/jointnet/`` (dense), ``.safetensors`` or ``.bin``."""
+        from .models import preflight as PF
+
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"JointNet folder {root!r} does not exist")
@@ -357,6 +359,10 @@ class JointNet(nn.Module):
                     f"safetensors or .bin, as in the released rgbd_finetune_sd21b / rgbd_inpaint_sd21b zips)")
             w = _find_weights(folder)
             kw: dict[str, Any] = dict(use_safetensors=w.endswith(".safetensors"))
+            # config read, size and weight shapes checked before anything is allocated (errors name the file)
+            PF.preflight(PF.diffusers_build(JointNetUNet), folder, PF.DIFFUSERS_STEMS, kw["use_safetensors"],
+                         bytes_per_param=torch.finfo(torch_dtype or torch.float32).bits // 8,
+                         ignore_missing=("jointnet_",))  # a plain UNet folder: explained below
             if torch_dtype is not None:
                 kw["torch_dtype"] = torch_dtype
             model, info = JointNetUNet.from_pretrained(folder, output_loading_info=True, **kw)

@@ -67,8 +67,15 @@ def missing_backbone_message(net: str, where: Sequence[str] = ()) -> str:
 
 def load_lpips_backbone_weights(model: torch.nn.Module, path: str) -> None:
     """Copy torchvision ``features.<k>.*`` weights from ``path`` into an ``lpips.LPIPS`` model's backbone."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+    from .models.preflight import unreadable_weights_reason
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - code in the pickle, truncated/corrupt file
+        raise ValueError(f"LPIPS backbone file {path} {unreadable_weights_reason(e)}") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"LPIPS backbone file {path} holds a {type(sd).__name__}, not torchvision weights")
+    if "state_dict" in sd in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     net = model.net
     missing = []

@@ -44,7 +44,6 @@ The output is affine-invariant *depth* (near = small), not disparity.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -147,18 +146,16 @@ def check_checkpoint_folder(path: str) -> dict:
     if not os.path.isfile(sched_cfg):
         raise FileNotFoundError(f"checkpoint folder {path!r} has no scheduler/scheduler_config.json (the DDIM "
                                 f"schedule and prediction type)")
-    with open(sched_cfg) as f:
-        sched = json.load(f)
+    from .models.preflight import read_json
+
+    sched = read_json(sched_cfg, "the DDIM scheduler config")
     pt = sched.get("prediction_type", "epsilon")
     if pt not in P.PREDICTION_TYPES:
         raise ValueError(f"scheduler/scheduler_config.json has unknown prediction_type {pt!r}; expected one of "
                          f"{P.PREDICTION_TYPES}")
-    with open(os.path.join(unet.folder, "config.json")) as f:
-        ucfg = json.load(f)
-    with open(os.path.join(vae.folder, "config.json")) as f:
-        vcfg = json.load(f)
-    with open(os.path.join(te.folder, "config.json")) as f:
-        tcfg = json.load(f)
+    ucfg = read_json(os.path.join(unet.folder, "config.json"), "the UNet config")
+    vcfg = read_json(os.path.join(vae.folder, "config.json"), "the VAE config")
+    tcfg = read_json(os.path.join(te.folder, "config.json"), "the text encoder config")
     lat = int(vcfg.get("latent_channels", 4))
     if int(ucfg.get("in_channels", -1)) != 2 * lat:
         raise ValueError(f"unet/config.json has in_channels={ucfg.get('in_channels')}; an image-conditional "
@@ -175,16 +172,13 @@ def check_checkpoint_folder(path: str) -> dict:
 
 
 def read_model_index(path: str) -> dict:
-    """The folder's ``model_index.json`` as a dict (``{}`` when absent or unreadable)."""
+    """The folder's ``model_index.json`` as a dict (``{}`` when absent; invalid JSON is an error naming it)."""
+    from .models.preflight import read_json
+
     f = os.path.join(os.fspath(path), "model_index.json")
     if not os.path.isfile(f):
         return {}
-    try:
-        with open(f) as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json(f, "the checkpoint's model_index.json")
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
@@ -213,14 +207,22 @@ def load_predictor(path: str, dtype: Union[str, torch.dtype] = "fp32", device: U
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .models import preflight as PF
     from .models.sd_folder import vae_class
 
     info = check_checkpoint_folder(path)
     dt = resolve_dtype(dtype)
     vdt = resolve_dtype(vae_dtype) if vae_dtype is not None else dt
+    vcls = vae_class(os.path.join(path, "vae"))
+    for name, build, stems, d in (("unet", PF.diffusers_build(), PF.DIFFUSERS_STEMS, dt),
+                                  ("vae", PF.diffusers_build(vcls), PF.DIFFUSERS_STEMS, vdt),
+                                  ("text_encoder", PF.clip_text_build, PF.TRANSFORMERS_STEMS, dt)):
+        kw = _load_kwargs(info[name], d)
+        PF.preflight(build, info[name].folder, stems, kw["use_safetensors"], kw.get("variant"),
+                     bytes_per_param=torch.finfo(d).bits // 8, ignore_missing=("text_model.embeddings.position_ids",))
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt,
                                                 **_load_kwargs(info["unet"], dt))
-    vae = vae_class(os.path.join(path, "vae")).from_pretrained(path, subfolder="vae", torch_dtype=vdt, **_load_kwargs(info["vae"], vdt))
+    vae = vcls.from_pretrained(path, subfolder="vae", torch_dtype=vdt, **_load_kwargs(info["vae"], vdt))
     te_kw = _load_kwargs(info["text_encoder"], dt)
     text_encoder = CLIPTextModel.from_pretrained(info["text_encoder"].folder, **te_kw).to(dt)
     tokenizer = CLIPTokenizer.from_pretrained(info["tokenizer"])
