@@ -326,6 +326,22 @@ class JointNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def activation_bytes(self, batch: int, height: int, width: int, text_len: int = 77) -> int:
+        """Memory to plan for one forward on ``batch`` latents of ``height × width`` (CFG doubles the batch the
+        denoiser sends), measured on a meta twin of this model (:mod:`jointcore.runtime.memory`)."""
+        from .runtime import memory as M
+
+        m = M.twin(self)
+        cr, cd = self.latent_channels
+        x = torch.empty(batch, cr + cd, height, width, device="meta", dtype=self.dtype)
+        emb = torch.empty(batch, text_len, self.cross_attention_dim, device="meta", dtype=self.dtype)
+        t = torch.zeros(batch, dtype=torch.long, device="meta")
+        kw = {}
+        if self.has_masked_latent_input:
+            one = torch.empty(batch, 1, height, width, device="meta", dtype=self.dtype)
+            kw = dict(mask_rgb=one, masked_rgb=x[:, :cr], mask_dense=one, masked_dense=x[:, cr:])
+        return M.estimate(M.peak_forward_bytes(m, x, t, emb, **kw))
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -347,6 +347,7 @@ def rgbd_to_mesh(
     downsample: int = 1,
     resize_depth: bool = True,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    check: Optional[Callable[[], None]] = None,
 ) -> list[RGBDMesh]:
     """Build one mesh per batch item from an RGB image and a depth/disparity map.
 
@@ -366,6 +367,8 @@ def rgbd_to_mesh(
             depths), the UV texture keeps the full resolution.
         resize_depth: resize a depth map of another size (else raise).
         max_bytes: memory guard; raises ``ValueError`` with the estimate and a ``downsample`` that fits.
+        check: called between the stages of each item (depth, resize, unprojection, faces); raise from it to
+            stop (Cancel).
     Returns:
         ``B`` :class:`RGBDMesh` (possibly empty when no pixel is valid; writing an empty one raises).
     """
@@ -391,10 +394,13 @@ def rgbd_to_mesh(
             f"downsample={k} (or more), use a smaller image, or raise the memory limit (max_memory_gb on the node, max_bytes here) if you have the RAM")
     h, w = _grid_size(H, W, downsample)
     wrap = wraps_around(projection, horizontal_span_deg) and w > 2
+    tick = check if check is not None else (lambda: None)
+    tick()
     faces_all = grid_faces(h, w, wrap)
 
     meshes = []
     for i in range(B):  # per batch item, not per pixel
+        tick()
         img = image[i].float().cpu()
         dm = depth_from_map(depth[i].cpu(), depth_kind, scale, shift, near, far)
         valid = torch.isfinite(dm)
@@ -415,16 +421,19 @@ def rgbd_to_mesh(
             img = F.interpolate(img[None], size=(h, w), mode="area")[0]
         valid = valid & torch.isfinite(dm) & (dm > 0)
         dsafe = torch.where(valid, dm, torch.ones_like(dm))
+        tick()
 
         K = None
         if intrinsics is not None:
             K = scale_intrinsics(torch.as_tensor(intrinsics), (H, W), (h, w))
         pts = unproject(dsafe, projection, fov_deg=fov_deg, intrinsics=K, horizontal_span_deg=horizontal_span_deg)
         valid = valid & torch.isfinite(pts).all(-1)
+        tick()
 
         vflat = valid.reshape(-1)
         dflat = dsafe.reshape(-1)
         keep = grid_face_keep(valid, dsafe, discontinuity_threshold, wrap)
+        tick()
         remap = torch.cumsum(vflat.long(), 0) - 1
         faces = remap[faces_all[keep]]
         pix = torch.nonzero(vflat).reshape(-1)

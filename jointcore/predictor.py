@@ -640,6 +640,13 @@ class DepthNormalPredictor:
         return {"steps": steps, "processing_resolution": res, "spacing": sp}
 
     # -- building blocks --
+    def activation_bytes(self, batch: int, height: int, width: int) -> int:
+        """Memory to plan for predicting ``batch`` images processed at ``height × width`` px (the largest of VAE
+        encode, one UNet call, VAE decode; :func:`jointcore.runtime.memory.sd_activation_bytes`)."""
+        from .runtime.memory import sd_activation_bytes
+
+        return sd_activation_bytes(self.unet, self.vae, batch, height, width, text_len=2)
+
     def empty_text_embedding(self) -> torch.Tensor:
         """CLIP embedding ``[1, L, D]`` of ``""`` tokenised without padding (L = 2: BOS, EOS), cached."""
         if self._empty is None:

@@ -378,6 +378,7 @@ def tiled_sample(
     sync_hook: Optional[Callable[[int, int, View, torch.Tensor, torch.Tensor], None]] = None,
     stats: Optional[TiledStats] = None,
     offsets: Optional[Sequence[Union[int, tuple[int, int]]]] = None,
+    check: Optional[Callable[[], None]] = None,
 ) -> torch.Tensor:
     """Tiled DDIM from ``x`` ``[B,C,H,W]`` (noisy at ``timesteps[0]``) along ``timesteps``.
 
@@ -396,6 +397,8 @@ def tiled_sample(
         callback: ``(i, n, x_prev, x0_pred)`` after each step; raising from it interrupts sampling.
         sync_hook: ``(i, view_index, view, x_before, x_after)`` for each synchronised view (inspection/tests).
         stats: a :class:`TiledStats` to fill.
+        check: called before every denoiser call (each view batch, the anchor, each synchronised view); raise
+            from it to stop (Cancel) within one view's work rather than one step's.
 
     Returns:
         the latent at the last target ``[B,C,H,W]``.
@@ -450,6 +453,8 @@ def tiled_sample(
             a_idx = cfg.anchor if cfg.anchor is not None else len(views) // 2
             a_idx = max(0, min(a_idx, len(views) - 1))
             tt1 = torch.full((B,), t, dtype=torch.long, device=dev)
+            if check is not None:
+                check()
             xa = crop_view(x, views[a_idx])
             x0a, _ = _x0_eps(denoiser, xa, tt1, cond)
             anchor_img = decode(x0a[:, :cfg.sync_channels]).clamp(-1, 1).detach()
@@ -459,6 +464,8 @@ def tiled_sample(
             for j, v in enumerate(views):
                 if j == a_idx:
                     continue
+                if check is not None:
+                    check()
                 xv = crop_view(x, v)
                 new = sync_view_update(denoiser, xv, tt1, cond, anchor_img, decode, perceptual, w_i,
                                        cfg.sync_channels)
@@ -484,6 +491,8 @@ def tiled_sample(
         for (_h, _w), members in groups.items():
             for k in range(0, len(members), cfg.view_batch):
                 chunk = members[k:k + cfg.view_batch]
+                if check is not None:
+                    check()
                 xin = torch.cat([crops[j] if j in crops else crop_view(x, v) for j, v in chunk])
                 m = len(chunk)
                 tt = torch.full((m * B,), t, dtype=torch.long, device=dev)

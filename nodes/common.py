@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, Optional
@@ -55,9 +56,10 @@ def check_inputs(kwargs: dict) -> None:
 
 
 def checked_inputs(mappings: dict) -> dict:
-    """Wrap each node class's FUNCTION so that :func:`check_inputs` runs on its keyword inputs first (ComfyUI
-    calls node functions with keyword arguments). Idempotent; returns ``mappings``."""
+    """Wrap each node class's FUNCTION so that :func:`check_inputs` runs on its inputs first (by name, whether
+    passed by keyword, as ComfyUI does, or by position). Idempotent; returns ``mappings``."""
     import functools
+    import inspect
 
     for cls in mappings.values():
         name = getattr(cls, "FUNCTION", None)
@@ -66,9 +68,15 @@ def checked_inputs(mappings: dict) -> dict:
             continue
 
         def make(orig):
+            sig = inspect.signature(orig)
+
             @functools.wraps(orig)
             def wrapper(self, *args, **kwargs):
-                check_inputs(kwargs)
+                try:
+                    named = sig.bind_partial(self, *args, **kwargs).arguments
+                except TypeError:  # let the call itself report wrong arguments
+                    named = kwargs
+                check_inputs({k: v for k, v in named.items() if k != "self"})
                 return orig(self, *args, **kwargs)
             wrapper._jd_checked = True
             return wrapper
@@ -204,6 +212,73 @@ def torch_device() -> torch.device:
 def offload_device() -> torch.device:
     import comfy.model_management as mm
     return mm.unet_offload_device()
+
+
+def interrupt_check() -> None:
+    """Raise ComfyUI's interruption exception if the user pressed Cancel (for :class:`jointcore.runtime.
+    interrupt.interruptible`, which calls it inside forward passes)."""
+    import comfy.model_management as mm
+    mm.throw_exception_if_processing_interrupted()
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes a job may still take on ``device``: RAM available (CPU) or ComfyUI's free VRAM figure."""
+    if device.type == "cpu":
+        try:
+            import psutil
+            return int(psutil.virtual_memory().available)
+        except Exception:  # noqa: BLE001
+            return None
+    import comfy.model_management as mm
+    try:
+        return int(mm.get_free_memory(device))
+    except Exception:  # noqa: BLE001 - older/newer signatures
+        return None
+
+
+def ensure_memory(need: int, what: str, advice: str, device: Optional[torch.device] = None,
+                  weights: int = 0) -> None:
+    """Before a large job: refuse it clearly if its estimated activations (``need``) plus the ``weights`` still
+    to be moved to ``device`` cannot fit, after asking ComfyUI to unload other models on a GPU."""
+    from ..jointcore.runtime.memory import require_memory
+
+    dev = device or torch_device()
+    total = int(need) + int(weights)
+    avail = available_memory(dev)
+    if dev.type != "cpu" and avail is not None and total > avail:
+        import comfy.model_management as mm
+        try:
+            mm.free_memory(total, dev)
+        except Exception:  # noqa: BLE001
+            pass
+        avail = available_memory(dev)
+    require_memory(total, avail, what, advice)
+
+
+def weights_to_move(device: torch.device, *modules) -> int:
+    """Bytes of ``modules``' weights not yet on ``device``."""
+    from ..jointcore.runtime.memory import module_bytes
+
+    return sum(module_bytes(m) for m in modules
+               if m is not None and next(m.parameters()).device.type != device.type)
+
+
+@contextlib.contextmanager
+def running(device: torch.device, *modules):
+    """Run the pack's own ``modules`` on ``device`` for the block: moved there, Cancel honoured inside their
+    forward passes (:class:`jointcore.runtime.interrupt.interruptible`), moved back to the offload device after,
+    also on error or Cancel."""
+    from ..jointcore.runtime.interrupt import interruptible
+
+    try:
+        for m in modules:
+            m.to(device)
+        with interruptible(interrupt_check, *modules):
+            yield
+    finally:
+        off = offload_device()
+        for m in modules:
+            m.to(off)
 
 
 def progress(total: int, node_id=None) -> Callable[..., None]:

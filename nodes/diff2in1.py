@@ -18,8 +18,8 @@ import torch
 from ..jointcore import diff2in1 as D
 from ..jointcore import mt_diffusion as MT
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import (CATEGORY, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, offload_device, progress,
-                     register_model_folder, resolve_model_dir, torch_device)
+from .common import (CATEGORY, bchw_to_image, checked_inputs, ensure_memory, image_to_bchw, list_model_dirs,
+                     progress, register_model_folder, resolve_model_dir, running, torch_device, weights_to_move)
 
 HEAD_FOLDER = "diff2in1"
 register_model_folder(HEAD_FOLDER)
@@ -53,13 +53,17 @@ def visualize(label: torch.Tensor, task: str) -> torch.Tensor:
     return (label - lo) / (hi - lo).clamp(min=1e-8)
 
 
-def _resize_batch(img: torch.Tensor, resolution: int) -> torch.Tensor:
+def _processing_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """The size :func:`_resize_batch` gives an image of ``height × width`` px."""
     if resolution == 0:
-        h, w = (max(8, img.shape[-2] // 8 * 8), max(8, img.shape[-1] // 8 * 8))
-    else:
-        if resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
-        h = w = resolution
+        return max(8, height // 8 * 8), max(8, width // 8 * 8)
+    return resolution, resolution
+
+
+def _resize_batch(img: torch.Tensor, resolution: int) -> torch.Tensor:
+    if resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+    h, w = _processing_size(img.shape[-2], img.shape[-1], resolution)
     if tuple(img.shape[-2:]) == (h, w):
         return img
     import kornia
@@ -71,10 +75,17 @@ class _Bundle:
         self.unet, self.vae, self.tok, self.te, self.ab, self.pred, self.head = unet, vae, tok, te, ab, pred, head
         self.names = names
 
-    def to(self, device):
-        for m in (self.unet, self.vae, self.te, self.head):
-            m.to(device)
-        return self
+    def modules(self):
+        return (self.unet, self.vae, self.te, self.head)
+
+    def ensure_memory(self, device, height: int, width: int, what: str) -> None:
+        """Refuse clearly (before moving anything) a job at ``height × width`` px that cannot fit."""
+        from ..jointcore.runtime.memory import sd_activation_bytes
+
+        ensure_memory(sd_activation_bytes(self.unet, self.vae, 1, height, width),
+                      f"Diff-2-in-1 {what} at {width}×{height} px",
+                      "Lower the resolution input (512 is what the heads are trained at).", device,
+                      weights_to_move(device, *self.modules()))
 
 
 class JDDiff2in1Loader:
@@ -126,10 +137,10 @@ class JDDiff2in1Predict:
         dev = torch_device()
         x = image_to_bchw(image)
         H, W = x.shape[-2:]
-        b.to(dev)
+        b.ensure_memory(dev, *_processing_size(H, W, resolution), "prediction")
         ex = D.UNetFeatureExtractor(b.unet, b.ab)
         try:
-            with torch.no_grad():
+            with running(dev, *b.modules()), torch.no_grad():
                 empty = D.encode_prompts(b.tok, b.te, [""])
                 outs = []
                 for i in range(x.shape[0]):
@@ -139,7 +150,6 @@ class JDDiff2in1Predict:
                     outs.append(D.predict(ex, b.head, z, empty, (H, W)).cpu())
         finally:
             ex.remove()
-            b.to(offload_device())
         return (bchw_to_image(visualize(torch.cat(outs), b.head.config.task)),)
 
 
@@ -197,14 +207,14 @@ class JDDiff2in1CreatePairs:
         caps = (lines * x.shape[0] if len(lines) == 1 else lines) or [""] * x.shape[0]
         folder = unique_pairs_folder(folder_paths.get_output_directory(), folder_prefix)
         dev = torch_device()
-        b.to(dev)
+        b.ensure_memory(dev, *x.shape[-2:], "pair creation")
         ex = D.UNetFeatureExtractor(b.unet, b.ab)
         g = torch.Generator().manual_seed(int(seed))
         jobs = [(i, k) for i in range(x.shape[0]) for k in range(per_image)]
         cb = progress(len(jobs) * steps)
         created, labels = [], []
         try:
-            with torch.no_grad():
+            with running(dev, *b.modules()), torch.no_grad():
                 empty = D.encode_prompts(b.tok, b.te, [""])
                 for i, _k in jobs:
                     emb = D.encode_prompts(b.tok, b.te, [caps[i]])
@@ -213,7 +223,6 @@ class JDDiff2in1CreatePairs:
                     created.append(c.cpu()), labels.append(lab.cpu())
         finally:
             ex.remove()
-            b.to(offload_device())
         created, labels = torch.cat(created), torch.cat(labels)
         D.save_pairs(folder, created, labels, b.head.config.task, names=[f"img{i:04d}_c{k:02d}" for i, k in jobs],
                      captions=[caps[i] for i, _ in jobs], sources=[f"input_{i}" for i, _ in jobs],

@@ -20,9 +20,9 @@ from ..jointcore import joint_sampling as JS
 from ..jointcore import schedules as S
 from ..jointcore.denoiser import TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
-from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, list_model_dirs, mask_to_b1hw,
-                     offload_device, progress, register_model_folder, require_finite, resolve_model_dir,
-                     torch_device)
+from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, list_model_dirs,
+                     mask_to_b1hw, offload_device, progress, register_model_folder, require_finite, resolve_model_dir,
+                     running, torch_device, weights_to_move)
 
 FOLDER = "jointnet"
 register_model_folder(FOLDER)
@@ -293,8 +293,11 @@ class JDJointKSampler:
             (isinstance(m, float) and m < 0.5) or (torch.is_tensor(m) and bool((m < 0.5).any())) for m in (m_img, m_dep))
         noise = JS.make_noise((B, 8, h, w), seed=seed)
         dev = torch_device()
-        b.model.to(dev)
-        try:
+        ensure_memory(b.model.activation_bytes(2 * B, h, w, c.shape[1]),
+                      f"JointNet sampling of {B} image(s) at {8 * w}×{8 * h} px (CFG doubles the batch)",
+                      "Lower width/height or batch_size, or use JD Joint Panorama Sampler (tiled) for large images.",
+                      dev, weights_to_move(dev, b.model))
+        with running(dev, b.model):
             n_steps = len(JS.get_timesteps(range(steps), strength))
             cb = progress(n_steps)
             out = JS.joint_sample(
@@ -302,8 +305,6 @@ class JDJointKSampler:
                 init_latents=init.to(dev) if needs_init else None, mask_rgb=m_img, mask_dense=m_dep,
                 strength=strength, generator=torch.Generator(device=dev).manual_seed((seed + 1) % 2**64),
                 callback=lambda *a: cb())
-        finally:
-            b.model.to(offload_device())
         return (_latent(out / SD_SCALE),)
 
 
@@ -360,14 +361,18 @@ class JDJointPanoramaSampler:
         den = b.denoiser()
         x = noise if denoise >= 1.0 else add_noise(z.float() * SD_SCALE, noise, ts[0], den.alphas_cumprod)
         dev = torch_device()
-        b.model.to(dev)
-        try:
+        wh, ww = min(config.window, h), min(config.window, w)
+        calls = [(2 * B * int(view_batch), wh, ww)] + ([(2 * B, h, w)] if method == "jointnet" else [])
+        ensure_memory(max(b.model.activation_bytes(n, hh, wwid, c.shape[1]) for n, hh, wwid in calls),
+                      f"JointNet panorama sampling at {8 * w}×{8 * h} px (view batch {view_batch}"
+                      + (", plus the whole-image view of the jointnet method)" if method == "jointnet" else ")"),
+                      "Lower view_batch, use method multidiffusion (no whole-image view) or a smaller panorama.",
+                      dev, weights_to_move(dev, b.model))
+        with running(dev, b.model):
             cb = progress(len(ts))
             out = tiled_sample(den, x.to(dev), ts, text, config, final_alpha_cumprod=float(den.alphas_cumprod[0]),
                                generator=torch.Generator().manual_seed((seed + 2) % 2**64),
                                callback=lambda *a: cb())
-        finally:
-            b.model.to(offload_device())
         return (_latent(out.cpu() / SD_SCALE),)
 
 

@@ -14,7 +14,7 @@ import folder_paths
 import torch
 
 from ..jointcore import mesh as jm
-from .common import CATEGORY, checked_inputs, image_to_bchw, progress
+from .common import CATEGORY, checked_inputs, image_to_bchw, interrupt_check, progress
 
 
 def rgbd_pairs(image, depth) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -102,10 +102,11 @@ class JDRGBDToMesh:
                 img[i if img.shape[0] > 1 else 0], dep[i if dep.shape[0] > 1 else 0], projection=projection,
                 fov_deg=fov_deg, horizontal_span_deg=horizontal_span_deg, depth_kind=depth_kind, near=near,
                 far=far, discontinuity_threshold=discontinuity_threshold, downsample=downsample,
-                max_bytes=int(max_memory_gb * 2**30),
+                max_bytes=int(max_memory_gb * 2**30), check=interrupt_check,
             )[0]
             counter = _free_counter(folder, filename, counter, ext, companions)
             target = os.path.join(folder, f"{filename}_{counter:05}_{ext}")
+            interrupt_check()
             written = jm.export_mesh(m, target, format, color=color, normals=normals)[0]
             counter += 1
             name = os.path.basename(written)
@@ -170,7 +171,8 @@ class JDRGBDToComfyMesh:
                                   projection=projection, fov_deg=fov_deg, horizontal_span_deg=horizontal_span_deg,
                                   depth_kind=depth_kind, near=near, far=far,
                                   discontinuity_threshold=discontinuity_threshold, downsample=downsample,
-                                  max_bytes=int(max_memory_gb * 2**30))[0] for i in range(B)]
+                                  max_bytes=int(max_memory_gb * 2**30), check=interrupt_check)[0]
+                  for i in range(B)]
         return (stack_meshes(meshes, mesh_cls),)
 
 

@@ -13,7 +13,8 @@ import torch
 from ..jointcore.metrics_pano import load_lpips
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs
+from ..jointcore.runtime.interrupt import interruptible
+from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, interrupt_check
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]
 LPIPS_FOLDER = "lpips"
@@ -126,13 +127,34 @@ def _comfy_tiled(model, x, sigmas, extra_args, callback, config, eta, vae, lpips
             zz = latent_out(z).to(device=vae.device, dtype=vae.vae_dtype)
             return vae.first_stage_model.decode(zz).to(device=z.device, dtype=torch.float32)
 
-    def sync_hook(*_a):
-        mm.throw_exception_if_processing_interrupted()
-
-    out = tiled_sample(run.denoiser, run.x_t, run.timesteps, None, config, eta=eta, prev_timesteps=run.prev,
-                       generator=gen, decode=decode, perceptual=perceptual, callback=run.callback,
-                       sync_hook=sync_hook)
+    _check_whole_view_memory(model, x, config)
+    # Cancel before every view batch and synchronised view, and inside large attention products (a scoped
+    # torch-function mode; ComfyUI's model itself is not touched)
+    with interruptible(interrupt_check, perceptual):
+        out = tiled_sample(run.denoiser, run.x_t, run.timesteps, None, config, eta=eta, prev_timesteps=run.prev,
+                           generator=gen, decode=decode, perceptual=perceptual, callback=run.callback,
+                           check=interrupt_check)
     return run.finish(out, x)
+
+
+def _check_whole_view_memory(model, x: torch.Tensor, config: TiledConfig) -> None:
+    """The jointnet method's whole-image view runs the model on the entire panorama latent at once: refuse it
+    clearly when ComfyUI's own estimate for that call (``BaseModel.memory_required``) cannot fit."""
+    if config.whole_image_weight <= 0:
+        return
+    try:
+        required = _find_attr(model, "memory_required")
+    except RuntimeError:
+        return
+    shape = (2 * x.shape[0], *x.shape[1:])  # CFG: positive and negative in one batch
+    try:
+        need = int(required(shape))
+    except Exception:  # noqa: BLE001 - signatures differ across ComfyUI versions
+        return
+    H, W = x.shape[-2:]
+    ensure_memory(need, f"the jointnet method's whole-image view of the {W * VAE_FACTOR}×{H * VAE_FACTOR} px "
+                        "panorama", "Use method multidiffusion or syncdiffusion (views only), or a smaller panorama.",
+                  x.device)
 
 
 class JDTiledDiffusionSampler:

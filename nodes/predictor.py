@@ -20,8 +20,9 @@ import folder_paths
 
 from ..jointcore import predictor as JP
 from ..jointcore import predictor_vis as V
-from .common import (CATEGORY, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, progress,
-                     register_model_folder, resolve_model_dir)
+from ..jointcore.runtime.interrupt import interruptible
+from .common import (CATEGORY, bchw_to_image, checked_inputs, ensure_memory, image_to_bchw, interrupt_check,
+                     list_model_dirs, progress, register_model_folder, resolve_model_dir, weights_to_move)
 
 MODEL_FOLDER = "jointdiffusion_predictors"
 SUB = CATEGORY + "/depth"
@@ -130,13 +131,20 @@ class JDDepthNormalPredict:
         settings = predictor.resolve_settings(steps, processing_resolution, spacing)
         cb = progress(settings["steps"] * int(ensemble_size))
         mm.throw_exception_if_processing_interrupted()
+        ph, pw = JP.processing_size(*images.shape[-2:], settings["processing_resolution"])
+        models = (predictor.unet, predictor.vae, predictor.text_encoder)
+        ensure_memory(predictor.activation_bytes(images.shape[0], ph, pw),
+                      f"depth/normals prediction of {images.shape[0]} image(s) at {pw}×{ph} px",
+                      "Lower processing_resolution (768 is the checkpoints' default) or predict fewer images at once.",
+                      dev, weights_to_move(dev, *models))
         predictor.to(dev)
         try:
-            out = predictor.predict(images.to(dev), task, processing_resolution=settings["processing_resolution"],
-                                    steps=settings["steps"], ensemble_size=ensemble_size, seed=seed,
-                                    spacing=settings["spacing"], normalisation=normalisation,
-                                    reduction=ensemble_reduction if task == "depth" else normals_reduction,
-                                    preprocessing=preprocessing, init=init, callback=lambda done, total: cb())
+            with interruptible(interrupt_check, *models):
+                out = predictor.predict(
+                    images.to(dev), task, processing_resolution=settings["processing_resolution"],
+                    steps=settings["steps"], ensemble_size=ensemble_size, seed=seed, spacing=settings["spacing"],
+                    normalisation=normalisation, reduction=ensemble_reduction if task == "depth" else normals_reduction,
+                    preprocessing=preprocessing, init=init, callback=lambda done, total: cb())
         finally:
             if off != dev:
                 predictor.to(off)
