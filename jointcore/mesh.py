@@ -167,7 +167,8 @@ def _pixel_grid(h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tens
 
 
 def unproject(depth: torch.Tensor, projection: str = "perspective", *, fov_deg: float = 60.0,
-              intrinsics: Optional[torch.Tensor] = None, horizontal_span_deg: float = 180.0) -> torch.Tensor:
+              intrinsics: Optional[torch.Tensor] = None, horizontal_span_deg: float = 180.0,
+              rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Per-pixel 3-D points (glTF frame) of a depth map.
 
     Args:
@@ -177,20 +178,27 @@ def unproject(depth: torch.Tensor, projection: str = "perspective", *, fov_deg: 
         fov_deg: horizontal field of view of the perspective camera (ignored when ``intrinsics`` given).
         intrinsics: ``[3, 3]`` pinhole matrix for this ``h×w`` grid (OpenCV convention, pixels).
         horizontal_span_deg: azimuth range of a cylindrical panorama, in ``(0, 360]``.
+        rows: ``(r0, r1)``: only the points of rows ``r0 ≤ r < r1`` of the grid (the camera is still the whole
+            ``h×w`` grid's), for building large meshes in bands.
     Returns:
-        ``[h, w, 3]`` float32 points.
+        ``[h, w, 3]`` (or ``[r1 − r0, w, 3]``) float32 points.
     """
     h, w = depth.shape
-    d = depth.double()
+    r0, r1 = (0, h) if rows is None else (int(rows[0]), int(rows[1]))
+    d = depth[r0:r1].double()
     if projection == "perspective":
         from kornia.geometry.depth import depth_to_3d_v2
 
         K = perspective_intrinsics(h, w, fov_deg) if intrinsics is None else intrinsics.double()
         if K.shape != (3, 3):
             raise ValueError(f"intrinsics must be a [3,3] matrix, got {tuple(K.shape)}")
+        if r0:
+            K = K.clone()
+            K[1, 2] -= r0  # the band's own principal point
         p = depth_to_3d_v2(d, K[None].to(d.device))[0]  # OpenCV camera frame: x right, y down, z forward
         return torch.stack([p[..., 0], -p[..., 1], -p[..., 2]], -1).float()
     u, v = _pixel_grid(h, w, d.device, torch.float64)
+    u, v = u[r0:r1], v[r0:r1]
     if projection == "cylindrical":
         span = math.radians(_check_span(horizontal_span_deg))
         f = w / span
@@ -258,6 +266,13 @@ def grid_face_keep(valid: torch.Tensor, depth: torch.Tensor, threshold: float, w
     Returns:
         ``[F]`` bool in the order of ``grid_faces(h, w, wrap)``.
     """
+    k1, k2 = _face_keep_pair(valid, depth, threshold, wrap)
+    return torch.cat([k1.reshape(-1), k2.reshape(-1)])
+
+
+def _face_keep_pair(valid: torch.Tensor, depth: torch.Tensor, threshold: float, wrap: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grid_face_keep` per quad, ``[h−1, w−1 (or w)]`` for the first and the second triangle."""
     va, vb, vc, vd = _quad_corners(valid, wrap)
     k1, k2 = va & vb & vc, vc & vb & vd
     if threshold > 0:
@@ -267,7 +282,36 @@ def grid_face_keep(valid: torch.Tensor, depth: torch.Tensor, threshold: float, w
         lo2, hi2 = torch.minimum(bc_lo, dd), torch.maximum(bc_hi, dd)
         k1 = k1 & ((hi1 - lo1) <= threshold * lo1)
         k2 = k2 & ((hi2 - lo2) <= threshold * lo2)
-    return torch.cat([k1.reshape(-1), k2.reshape(-1)])
+    return k1, k2
+
+
+#: pixels per band when a mesh is built in row bands (Cancel is checked between bands)
+BAND_PIXELS = 1 << 21
+
+
+def _kept_faces(valid: torch.Tensor, depth: torch.Tensor, threshold: float, wrap: bool, remap: torch.Tensor,
+                tick: Callable[[], None]) -> torch.Tensor:
+    """``remap[grid_faces(h, w, wrap)[grid_face_keep(...)]]`` built in row bands (same faces, same order: every
+    first triangle of the grid, then every second one), without materialising the whole face grid."""
+    h, w = valid.shape
+    band = max(1, BAND_PIXELS // max(w, 1))
+    first, second = [], []
+    for q0 in range(0, h - 1, band):
+        tick()
+        q1 = min(h - 1, q0 + band)  # quads q0 ≤ q < q1 use pixel rows q0 … q1
+        k1, k2 = _face_keep_pair(valid[q0:q1 + 1], depth[q0:q1 + 1], threshold, wrap)
+        idx = remap[q0 * w:(q1 + 1) * w].view(q1 + 1 - q0, w)
+        a, b, c, d = _quad_corners(idx, wrap)
+        first.append(torch.stack([a[k1], b[k1], c[k1]], -1))
+        second.append(torch.stack([c[k2], b[k2], d[k2]], -1))
+    parts = first + second
+    out = torch.empty(sum(p.shape[0] for p in parts), 3, dtype=torch.int64)
+    n = 0
+    for p in parts:  # filled part by part (a single cat of ~10⁸ faces takes seconds without a Cancel check)
+        tick()
+        out[n:n + p.shape[0]] = p
+        n += p.shape[0]
+    return out
 
 
 # ---- input handling ---------------------------------------------------------------------------------
@@ -395,8 +439,7 @@ def rgbd_to_mesh(
     h, w = _grid_size(H, W, downsample)
     wrap = wraps_around(projection, horizontal_span_deg) and w > 2
     tick = check if check is not None else (lambda: None)
-    tick()
-    faces_all = grid_faces(h, w, wrap)
+    band = max(1, BAND_PIXELS // max(w, 1))
 
     meshes = []
     for i in range(B):  # per batch item, not per pixel
@@ -426,22 +469,34 @@ def rgbd_to_mesh(
         K = None
         if intrinsics is not None:
             K = scale_intrinsics(torch.as_tensor(intrinsics), (H, W), (h, w))
-        pts = unproject(dsafe, projection, fov_deg=fov_deg, intrinsics=K, horizontal_span_deg=horizontal_span_deg)
-        valid = valid & torch.isfinite(pts).all(-1)
+        pts = torch.empty(h, w, 3)
+        for r0 in range(0, h, band):  # in row bands: Cancel is checked between them
+            tick()
+            r1 = min(h, r0 + band)
+            pts[r0:r1] = unproject(dsafe, projection, fov_deg=fov_deg, intrinsics=K,
+                                   horizontal_span_deg=horizontal_span_deg, rows=(r0, r1))
+            valid[r0:r1] &= torch.isfinite(pts[r0:r1]).all(-1)
         tick()
 
         vflat = valid.reshape(-1)
         dflat = dsafe.reshape(-1)
-        keep = grid_face_keep(valid, dsafe, discontinuity_threshold, wrap)
-        tick()
         remap = torch.cumsum(vflat.long(), 0) - 1
-        faces = remap[faces_all[keep]]
+        faces = _kept_faces(valid, dsafe, discontinuity_threshold, wrap, remap, tick)
+        tick()
         pix = torch.nonzero(vflat).reshape(-1)
+        del remap
+        tick()
         rows, cols = pix // w, pix % w
         uv = torch.stack([(cols.float() + 0.5) / w, 1.0 - (rows.float() + 0.5) / h], -1)
+        del rows, cols
+        tick()
+        vertices = pts.reshape(-1, 3)[pix]
+        del pts
+        tick()
+        colors = img.reshape(3, -1)[:, pix].T.contiguous()
+        tick()
         meshes.append(RGBDMesh(
-            vertices=pts.reshape(-1, 3)[pix].contiguous(), faces=faces.contiguous(),
-            colors=img.reshape(3, -1)[:, pix].T.contiguous(), uv=uv, texture=texture, pixel_index=pix,
+            vertices=vertices, faces=faces, colors=colors, uv=uv, texture=texture, pixel_index=pix,
             grid_size=(h, w), depth=dflat[pix].float(),
         ))
     return meshes

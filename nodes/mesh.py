@@ -20,7 +20,8 @@ from .common import CATEGORY, checked_inputs, image_to_bchw, interrupt_check, pr
 def rgbd_pairs(image, depth) -> tuple[torch.Tensor, torch.Tensor, int]:
     """IMAGE + depth IMAGE → ``[B,3,H,W]``, ``[B',H',W']`` (channel mean) and the batch size (1 broadcasts)."""
     img = image_to_bchw(image)
-    dep = image_to_bchw(depth).mean(1)
+    interrupt_check()
+    dep = image_to_bchw(depth, "depth").mean(1)
     B = max(img.shape[0], dep.shape[0])
     if img.shape[0] not in (1, B) or dep.shape[0] not in (1, B):
         raise ValueError(f"image batch {img.shape[0]} and depth batch {dep.shape[0]} differ: give equal "
@@ -88,6 +89,7 @@ class JDRGBDToMesh:
                discontinuity_threshold, downsample, format, filename_prefix, color="vertex", normals=True,
                max_memory_gb=4.0):
         img, dep, B = rgbd_pairs(image, depth)
+        interrupt_check()
         H, W = img.shape[-2:]
         out_dir = folder_paths.get_output_directory()
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir, W, H)
