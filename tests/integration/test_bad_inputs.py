@@ -216,6 +216,13 @@ def broken(server):
 
     evil_bin(copy_of("diffusers", "stable-diffusion-v1-5", "jd_bad_pickle_sd") / "unet",
              "diffusion_pytorch_model.bin")
+    evil_bin(copy_of("diffusers", "stable-diffusion-v1-5", "jd_bad_pickle_sd_vae") / "vae",
+             "diffusion_pytorch_model.bin")
+    te = copy_of("diffusers", "stable-diffusion-v1-5", "jd_bad_pickle_sd_te") / "text_encoder"
+    for f in te.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"text_model.embeddings.token_embedding.weight": _Evil(str(marker))}, te / "pytorch_model.bin")
+    evil_bin(copy_of("jointnet", jn, "jd_bad_pickle_rgb") / "unet", "diffusion_pytorch_model.bin")
     (copy_of("diff2in1", "diff2in1-depth-head", "jd_bad_head_json") / "config.json").write_text("{")
     edit_json(copy_of("diff2in1", "diff2in1-depth-head", "jd_bad_head_shapes") / "config.json", width=24)
 
@@ -242,6 +249,7 @@ class Case:
     kind: str = "error"                 # "error" (pack or ComfyUI execution error), "invalid", "success", "cancel"
     interrupt_after: float = 3.0
     escape: tuple = field(default_factory=tuple)   # paths (relative to the work dir) that must not appear
+    setup: Optional[Callable[[Path], Callable[[], None]]] = None  # (work dir) → undo, run around the case
 
 
 def _nan_widget(wf: str, cls: str, name: str, n: int = 0) -> Case:
@@ -335,6 +343,45 @@ def _model_cases() -> list[Case]:
     ]
 
 
+def _lpips_file(content: Callable[[Path, Path], None]) -> Callable[[Path], Callable[[], None]]:
+    """Replace the server's LPIPS backbone file for one case (``content(path, marker)`` writes the new one)."""
+    def setup(work: Path):
+        f = work / "models" / "lpips" / "vgg16-397923af.pth"
+        keep = f.with_name(f.name + ".keep")
+        f.rename(keep)
+        content(f, work / "PWNED")
+
+        def undo():
+            f.unlink()
+            keep.rename(f)
+        return undo
+    return setup
+
+
+def _security_cases() -> list[Case]:
+    def evil(path: Path, marker: Path):
+        torch.save({"features.0.weight": _Evil(str(marker))}, path)
+
+    def corrupt(path: Path, marker: Path):
+        path.write_bytes(b"PK\x03\x04 truncated download")
+    sync = lambda P: P.wf("syncdiffusion_panorama_2048x512")  # noqa: E731
+    return [
+        Case("security-lpips-pickle", sync, r"LPIPS backbone file .*vgg16-397923af.pth holds Python objects other "
+                                            r"than tensors \(posix.system\)", setup=_lpips_file(evil)),
+        Case("security-lpips-corrupt", sync, r"LPIPS backbone file .*vgg16-397923af.pth is not a readable PyTorch "
+                                             r"weight file", setup=_lpips_file(corrupt)),
+        Case("security-jointnet-unet-branch-pickle", lambda P: P.set("jointnet_text_to_rgbd", "JDJointNetLoader",
+                                                                     jointnet="jd_bad_pickle_rgb"),
+             r"jd_bad_pickle_rgb/unet/diffusion_pytorch_model.bin holds Python objects other than tensors"),
+        Case("security-sd-vae-pickle", lambda P: P.set("image_to_depth_to_mesh", "JDDiff2in1Loader",
+                                                       sd_model="jd_bad_pickle_sd_vae"),
+             r"jd_bad_pickle_sd_vae/vae/diffusion_pytorch_model.bin holds Python objects other than tensors"),
+        Case("security-sd-text-encoder-pickle", lambda P: P.set("image_to_depth_to_mesh", "JDDiff2in1Loader",
+                                                                sd_model="jd_bad_pickle_sd_te"),
+             r"jd_bad_pickle_sd_te/text_encoder/pytorch_model.bin holds Python objects other than tensors"),
+    ]
+
+
 def _path_cases() -> list[Case]:
     cases = []
     for cls, inp, wf in (("JDJointNetLoader", "jointnet", "jointnet_text_to_rgbd"),
@@ -353,10 +400,12 @@ def _path_cases() -> list[Case]:
             cases.append(Case(f"path-{tag}-{cls}-{inp}", lambda P, cls=cls, inp=inp, wf=wf, prefix=prefix:
                               P.set(wf, cls, **{inp: prefix.format(work=P.server.work)}), expect,
                               escape=("jd_escape", "jd_escape_abs", "../jd_escape")))
-    cases.append(Case("path-traversal-JDDiff2in1CreatePairs-folder_prefix",
-                      lambda P: P.set("diff2in1_depth_and_paired_data", "JDDiff2in1CreatePairs",
-                                      folder_prefix="../../jd_escape"),
-                      r"folder_prefix '../../jd_escape' may only use letters, digits"))
+    for tag, prefix in (("traversal", "../../jd_escape"), ("absolute", "/tmp/jd_escape_abs")):
+        cases.append(Case(f"path-{tag}-JDDiff2in1CreatePairs-folder_prefix",
+                          lambda P, prefix=prefix: P.set("diff2in1_depth_and_paired_data", "JDDiff2in1CreatePairs",
+                                                         folder_prefix=prefix),
+                          rf"folder_prefix '{re.escape(prefix)}' may only use letters, digits",
+                          escape=("jd_escape", "jd_escape_abs")))
     return cases
 
 
@@ -468,8 +517,8 @@ def _cancel_cases() -> list[Case]:
             Case("cancel-mesh-8192x4096", big_mesh, memory, kind="cancel", interrupt_after=2.0)]
 
 
-CASES = ([_nan_widget(*w) for w in NAN_WIDGETS] + _nan_tensor_cases() + _model_cases() + _path_cases()
-         + _units_cases() + _cancel_cases())
+CASES = ([_nan_widget(*w) for w in NAN_WIDGETS] + _nan_tensor_cases() + _model_cases() + _security_cases()
+         + _path_cases() + _units_cases() + _cancel_cases())
 
 
 def test_the_suite_has_at_least_sixty_cases():
@@ -480,7 +529,12 @@ def test_the_suite_has_at_least_sixty_cases():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(server, P, broken, case):
     prompt = case.build(P)
-    out = submit(server, prompt, interrupt_after=case.interrupt_after if case.kind == "cancel" else None)
+    undo = case.setup(server.work) if case.setup else None
+    try:
+        out = submit(server, prompt, interrupt_after=case.interrupt_after if case.kind == "cancel" else None)
+    finally:
+        if undo:
+            undo()
     where = f"{case.id}: {out.kind}: {out.message[:800]}"
     print(f"\n{case.id}: {out.kind}, /queue ≤ {out.queue_max_s:.2f}s" + (
         f", ended {out.cancel_s:.2f}s after Cancel" if out.cancel_s is not None else ""))
