@@ -344,17 +344,12 @@ def _model_cases() -> list[Case]:
 
 
 def _lpips_file(content: Callable[[Path, Path], None]) -> Callable[[Path], Callable[[], None]]:
-    """Replace the server's LPIPS backbone file for one case (``content(path, marker)`` writes the new one)."""
+    """Put another LPIPS backbone file at the top of the server's ``models/lpips/`` for one case (found before the
+    good one in its sub-folder; ``content(path, marker)`` writes it)."""
     def setup(work: Path):
         f = work / "models" / "lpips" / "vgg16-397923af.pth"
-        keep = f.with_name(f.name + ".keep")
-        f.rename(keep)
         content(f, work / "PWNED")
-
-        def undo():
-            f.unlink()
-            keep.rename(f)
-        return undo
+        return f.unlink
     return setup
 
 
