@@ -306,14 +306,24 @@ def _nan_tensor_cases() -> list[Case]:
     ]
 
 
+LOADERS = {  # loader node → (a workflow using it, ...)
+    "JDJointNetLoader": "jointnet_text_to_rgbd",
+    "JDPredictorLoader": "predictor_depth_to_mesh",
+    "JDDiff2in1Loader": "image_to_depth_to_mesh",
+}
+
+
+def _load(cls: str, field: str, name: str, expect: str, tag: str = "model") -> Case:
+    """A case loading the broken folder ``name`` through ``cls``'s ``field`` input."""
+    return Case(f"{tag}-{cls}-{name}", lambda P: P.set(LOADERS[cls], cls, **{field: name}), expect)
+
+
 def _model_cases() -> list[Case]:
     def jn(name, expect):
-        return Case(f"model-jointnet-{name}", lambda P: P.set("jointnet_text_to_rgbd", "JDJointNetLoader",
-                                                              jointnet=name), expect)
+        return _load("JDJointNetLoader", "jointnet", name, expect)
 
     def pr(name, expect):
-        return Case(f"model-predictor-{name}", lambda P: P.set("predictor_depth_to_mesh", "JDPredictorLoader",
-                                                               model=name), expect)
+        return _load("JDPredictorLoader", "model", name, expect)
     pickle_msg = r"holds Python objects other than tensors \(posix.system\); loading it could run code, so it is refused"
     return [
         jn("jd_bad_only_unet", r"jd_bad_only_unet' is not a JointNet folder: missing jointnet/config.json"),
@@ -331,15 +341,11 @@ def _model_cases() -> list[Case]:
         pr("jd_bad_sched_json", r"jd_bad_sched_json/scheduler/scheduler_config.json is not valid JSON"),
         pr("jd_bad_index_json", r"jd_bad_index_json/model_index.json is not valid JSON"),
         pr("jd_bad_plain_t2i", r"unet/config.json has in_channels=4; an image-conditional .* plain text-to-image"),
-        Case("model-diff2in1-pickle-sd", lambda P: P.set("image_to_depth_to_mesh", "JDDiff2in1Loader",
-                                                         sd_model="jd_bad_pickle_sd"),
-             r"jd_bad_pickle_sd/unet/diffusion_pytorch_model.bin " + pickle_msg),
-        Case("model-diff2in1-head-json", lambda P: P.set("image_to_depth_to_mesh", "JDDiff2in1Loader",
-                                                         head="jd_bad_head_json"),
-             r"jd_bad_head_json/config.json is not valid JSON"),
-        Case("model-diff2in1-head-shapes", lambda P: P.set("image_to_depth_to_mesh", "JDDiff2in1Loader",
-                                                           head="jd_bad_head_shapes"),
-             r"jd_bad_head_shapes: the weights in head.safetensors do not match its config.json"),
+        _load("JDDiff2in1Loader", "sd_model", "jd_bad_pickle_sd",
+              r"jd_bad_pickle_sd/unet/diffusion_pytorch_model.bin " + pickle_msg),
+        _load("JDDiff2in1Loader", "head", "jd_bad_head_json", r"jd_bad_head_json/config.json is not valid JSON"),
+        _load("JDDiff2in1Loader", "head", "jd_bad_head_shapes",
+              r"jd_bad_head_shapes: the weights in head.safetensors do not match its config.json"),
     ]
 
 
@@ -365,27 +371,23 @@ def _security_cases() -> list[Case]:
                                             r"than tensors \(posix.system\)", setup=_lpips_file(evil)),
         Case("security-lpips-corrupt", sync, r"LPIPS backbone file .*vgg16-397923af.pth is not a readable PyTorch "
                                              r"weight file", setup=_lpips_file(corrupt)),
-        Case("security-jointnet-unet-branch-pickle", lambda P: P.set("jointnet_text_to_rgbd", "JDJointNetLoader",
-                                                                     jointnet="jd_bad_pickle_rgb"),
-             r"jd_bad_pickle_rgb/unet/diffusion_pytorch_model.bin holds Python objects other than tensors"),
-        Case("security-sd-vae-pickle", lambda P: P.set("image_to_depth_to_mesh", "JDDiff2in1Loader",
-                                                       sd_model="jd_bad_pickle_sd_vae"),
-             r"jd_bad_pickle_sd_vae/vae/diffusion_pytorch_model.bin holds Python objects other than tensors"),
-        Case("security-sd-text-encoder-pickle", lambda P: P.set("image_to_depth_to_mesh", "JDDiff2in1Loader",
-                                                                sd_model="jd_bad_pickle_sd_te"),
-             r"jd_bad_pickle_sd_te/text_encoder/pytorch_model.bin holds Python objects other than tensors"),
+        _load("JDJointNetLoader", "jointnet", "jd_bad_pickle_rgb", r"jd_bad_pickle_rgb/unet/diffusion_pytorch_model"
+              r".bin holds Python objects other than tensors", tag="security"),
+        _load("JDDiff2in1Loader", "sd_model", "jd_bad_pickle_sd_vae", r"jd_bad_pickle_sd_vae/vae/diffusion_pytorch_"
+              r"model.bin holds Python objects other than tensors", tag="security"),
+        _load("JDDiff2in1Loader", "sd_model", "jd_bad_pickle_sd_te", r"jd_bad_pickle_sd_te/text_encoder/pytorch_"
+              r"model.bin holds Python objects other than tensors", tag="security"),
     ]
 
 
 def _path_cases() -> list[Case]:
     cases = []
-    for cls, inp, wf in (("JDJointNetLoader", "jointnet", "jointnet_text_to_rgbd"),
-                         ("JDPredictorLoader", "model", "predictor_depth_to_mesh"),
-                         ("JDDiff2in1Loader", "sd_model", "image_to_depth_to_mesh"),
-                         ("JDDiff2in1Loader", "head", "image_to_depth_to_mesh")):
+    for cls, inp in (("JDJointNetLoader", "jointnet"), ("JDPredictorLoader", "model"),
+                     ("JDDiff2in1Loader", "sd_model"), ("JDDiff2in1Loader", "head")):
         for tag, value in (("traversal", "../../../../../../etc"), ("absolute", "/etc")):
-            cases.append(Case(f"path-{tag}-{cls}-{inp}", lambda P, cls=cls, inp=inp, wf=wf, value=value:
-                              P.set(wf, cls, **{inp: value}), r"not in( the)? list", kind="invalid"))
+            c = _load(cls, inp, value, r"not in( the)? list", tag=f"path-{tag}-{inp}")
+            c.kind = "invalid"
+            cases.append(c)
     for tag, prefix in (("traversal", "../../jd_escape/x"), ("absolute", "{work}/jd_escape_abs/x")):
         for cls, inp, wf, expect in (
                 ("JDSaveRawPrediction", "filename_prefix", "predictor_image_to_depth_normals",
