@@ -583,7 +583,8 @@ def _write_new(path: str, data: bytes) -> None:
 
 
 def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Optional[str] = None, *,
-                color: str = "vertex", normals: bool = True) -> list[str]:
+                color: str = "vertex", normals: bool = True, check: Optional[Callable[[], None]] = None
+                ) -> list[str]:
     """Write ``mesh`` to a new file (never overwrites: a taken name gets a ``_0001`` suffix).
 
     Args:
@@ -593,6 +594,10 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
         color: ``"vertex"`` colours, ``"texture"`` (UV + full-resolution image; GLB and OBJ only — PLY falls
             back to vertex colours), or ``"none"``.
         normals: include vertex normals (GLB, PLY, OBJ meshes).
+        check: called between the pieces of a GLB/PLY file (Cancel).
+
+    GLB and PLY are written directly from the arrays (:mod:`jointcore.mesh_io`, linear in the size); OBJ
+    through trimesh.
     Returns:
         The written paths; the first is the mesh (OBJ textures add ``.mtl`` and ``.png`` beside it).
     """
@@ -615,7 +620,10 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
                              "write a point cloud instead")
     if fmt in ("ply", "pointcloud_ply") and color == "texture":
         color = "vertex"
-    tm = to_trimesh(mesh, color=color, point_cloud=point_cloud, normals=normals)
+    if fmt == "obj":
+        tm = to_trimesh(mesh, color=color, point_cloud=point_cloud, normals=normals)
+    else:
+        data = _direct_bytes(mesh, fmt, color, normals, check)
     dirname = os.path.dirname(path)
     if dirname:
         os.makedirs(dirname, exist_ok=True)
@@ -625,23 +633,43 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
     while True:
         target = unique_path(stem + out_ext, companions)
         try:
-            return _write_files(tm, target, fmt, color, normals)
+            if fmt != "obj":
+                _write_new(target, data)
+                return [target]
+            return _write_obj(tm, target, color, normals)
         except FileExistsError:  # lost a race for the name: pick the next one
             continue
 
 
-def _write_files(tm, target: str, fmt: str, color: str, normals: bool) -> list[str]:
-    from trimesh.exchange.gltf import export_glb
-    from trimesh.exchange.obj import export_obj
-    from trimesh.exchange.ply import export_ply
+def _direct_bytes(mesh: RGBDMesh, fmt: str, color: str, normals: bool, check) -> bytes:
+    """GLB or PLY bytes of ``mesh`` from its arrays (:mod:`jointcore.mesh_io`)."""
+    from . import mesh_io
 
-    if fmt == "glb":
-        _write_new(target, export_glb(tm, include_normals=normals))
-        return [target]
-    if fmt in ("ply", "pointcloud_ply"):
-        _write_new(target, export_ply(tm, encoding="binary", vertex_normal=normals if fmt == "ply" else False))
-        return [target]
-    # OBJ
+    tick = check or (lambda: None)
+    v = mesh.vertices.float().numpy()
+    if fmt == "pointcloud_ply":
+        return mesh_io.ply_bytes(v, None, None, _to_uint8(mesh.colors) if color != "none" else None, check=tick)
+    f = mesh.faces.numpy()
+    tick()
+    vn = vertex_normals(mesh.vertices, mesh.faces).numpy() if normals else None
+    tick()
+    if fmt == "ply":
+        return mesh_io.ply_bytes(v, f, vn, _to_uint8(mesh.colors) if color != "none" else None, check=tick)
+    png = None
+    if color == "texture":
+        import io
+
+        buf = io.BytesIO()
+        texture_image(mesh.texture).save(buf, format="PNG", compress_level=1)
+        png = buf.getvalue()
+        tick()
+    return mesh_io.glb_bytes(v, f, vn, _to_uint8(mesh.colors) if color == "vertex" else None,
+                             mesh.uv.numpy() if png is not None else None, png, check=tick)
+
+
+def _write_obj(tm, target: str, color: str, normals: bool) -> list[str]:
+    from trimesh.exchange.obj import export_obj
+
     stem = os.path.splitext(target)[0]
     base = os.path.basename(stem)
     if color != "texture":

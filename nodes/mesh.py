@@ -109,7 +109,7 @@ class JDRGBDToMesh:
             counter = _free_counter(folder, filename, counter, ext, companions)
             target = os.path.join(folder, f"{filename}_{counter:05}_{ext}")
             interrupt_check()
-            written = jm.export_mesh(m, target, format, color=color, normals=normals)[0]
+            written = jm.export_mesh(m, target, format, color=color, normals=normals, check=interrupt_check)[0]
             counter += 1
             name = os.path.basename(written)
             results.append({"filename": name, "subfolder": subfolder, "type": "output"})
