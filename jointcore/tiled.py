@@ -461,20 +461,30 @@ def tiled_sample(
             stats.view_evals += 1
             stats.denoiser_calls += 1
             stats.decodes += 1
+            # every view's gradient is taken from the same step-start latent, so the gradient passes (denoiser,
+            # decoder, LPIPS) run batched over view_batch views with one backward each: the per-view losses are
+            # independent, so each view's slice of the batched gradient is its own gradient
+            by_size: dict[tuple[int, int], list] = {}
             for j, v in enumerate(views):
-                if j == a_idx:
-                    continue
-                if check is not None:
-                    check()
-                xv = crop_view(x, v)
-                new = sync_view_update(denoiser, xv, tt1, cond, anchor_img, decode, perceptual, w_i,
-                                       cfg.sync_channels)
-                stats.grad_evals += 1
-                stats.denoiser_calls += 1
-                stats.decodes += 1
-                if sync_hook is not None:
-                    sync_hook(i, j, v, xv, new)
-                crops[j] = new
+                if j != a_idx:
+                    by_size.setdefault((v.height, v.width), []).append((j, v))
+            for members in by_size.values():
+                for k in range(0, len(members), cfg.view_batch):
+                    chunk = members[k:k + cfg.view_batch]
+                    if check is not None:
+                        check()
+                    m = len(chunk)
+                    xs = torch.cat([crop_view(x, v) for _, v in chunk])
+                    new = sync_view_update(denoiser, xs, tt1.repeat(m), _repeat_cond(cond, m, B),
+                                           anchor_img.repeat(m, 1, 1, 1), decode, perceptual, w_i,
+                                           cfg.sync_channels)
+                    stats.grad_evals += m
+                    stats.denoiser_calls += 1
+                    stats.decodes += 1
+                    for q, (j, v) in enumerate(chunk):
+                        crops[j] = new[q * B:(q + 1) * B]
+                        if sync_hook is not None:
+                            sync_hook(i, j, v, xs[q * B:(q + 1) * B], crops[j])
 
         # (2) denoise every view (batched) and accumulate the weighted average
         all_views = list(enumerate(views))
