@@ -96,6 +96,35 @@ def load_lpips_backbone_weights(model: torch.nn.Module, path: str) -> None:
                          f"{missing[:3]}…)")
 
 
+def reference_loss(perceptual, reference: torch.Tensor):
+    """``img → perceptual(img, reference)`` for many images against one fixed ``reference`` ``[B,3,H,W]`` (images
+    in batches of ``m·B``, reference repeated). For an ``lpips.LPIPS`` the reference's features are computed
+    once, not once per image as ``LPIPS.forward`` does (the same sum of per-layer, channel-normalised, weighted
+    squared feature differences, spatially averaged): SyncDiffusion compares every view with one anchor."""
+    B = reference.shape[0]
+    names = ("scaling_layer", "net", "lins", "L", "version", "lpips", "spatial")
+    if not all(hasattr(perceptual, n) for n in names) or perceptual.spatial:
+        return lambda img: perceptual(img, reference.repeat(img.shape[0] // B, 1, 1, 1).to(img))
+    import lpips as _lpips
+
+    m = perceptual
+
+    def prep(x):
+        return m.scaling_layer(x) if m.version == "0.1" else x
+    with torch.no_grad():
+        ref_feats = [_lpips.normalize_tensor(f) for f in m.net.forward(prep(reference))]
+
+    def loss(img):
+        k = img.shape[0] // B
+        val = 0
+        for kk, f0 in enumerate(m.net.forward(prep(img))):
+            diff = (_lpips.normalize_tensor(f0) - ref_feats[kk].repeat(k, 1, 1, 1).to(f0)) ** 2
+            d = m.lins[kk](diff) if m.lpips else diff.sum(dim=1, keepdim=True)
+            val = val + _lpips.spatial_average(d, keepdim=True)
+        return val
+    return loss
+
+
 def load_lpips(net: str = "vgg", backbone_path: Optional[str] = None, search: Iterable[str] = (),
                device=None, allow_download: bool = False, random_backbone: bool = False):
     """An ``lpips.LPIPS`` (eval, frozen) with the backbone from a local torchvision file.

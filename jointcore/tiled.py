@@ -39,6 +39,7 @@ import torch
 
 from . import prediction as P
 from .denoiser import Denoiser, TextConditioning
+from .metrics_pano import reference_loss
 from .sampling import ddim_step, next_timesteps
 
 _LOG = logging.getLogger("jointdiffusion")
@@ -300,7 +301,8 @@ def whole_image_active(i: int, n_steps: int, cfg: TiledConfig) -> bool:
 
 
 def sync_view_update(denoiser: Denoiser, x_view: torch.Tensor, t: torch.Tensor, cond: Any, anchor_image: torch.Tensor,
-                     decode: DecodeFn, perceptual: PerceptualFn, weight: float, channels: int = 4) -> torch.Tensor:
+                     decode: DecodeFn, perceptual: PerceptualFn, weight: float, channels: int = 4,
+                     loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """One SyncDiffusion gradient step on a view latent ``[B,C,h,w]``.
 
     ``x_v ← x_v - weight · ∇_{x_v} L``, ``L = perceptual(clamp(D(x0(x_v)[:, :channels]), -1, 1), anchor_image)``
@@ -311,26 +313,31 @@ def sync_view_update(denoiser: Denoiser, x_view: torch.Tensor, t: torch.Tensor, 
     activations in place (ComfyUI's UNet before mid-2024 does ``x += n`` in its transformer blocks) cannot be
     differentiated; then, with a warning, the noise estimate is held constant (``x0 = (x_v - √(1-ᾱ) ε̂) / √ᾱ``,
     the gradient through the decoder and LPIPS only).
+
+    ``loss``: ``image → per-image loss`` against the anchor, if precomputed
+    (:func:`jointcore.metrics_pano.reference_loss`); default ``perceptual(image, anchor_image)``.
     """
+    if loss is None:
+        def loss(img):
+            return perceptual(img, anchor_image.to(img))
     with torch.enable_grad():
         xv = x_view.detach().clone().requires_grad_(True)
         try:
             out = denoiser(xv, t, cond)
             x0 = P.to_x0(out, xv, t, denoiser.alphas_cumprod, denoiser.prediction_type)
-            g = _perceptual_grad(x0, xv, decode, perceptual, anchor_image, channels)
+            g = _perceptual_grad(x0, xv, decode, loss, channels)
         except RuntimeError as e:
             if "inplace operation" not in str(e):
                 raise
             _warn_inplace_once(e)
             x0 = _x0_with_constant_noise(denoiser, xv, t, cond)
-            g = _perceptual_grad(x0, xv, decode, perceptual, anchor_image, channels)
+            g = _perceptual_grad(x0, xv, decode, loss, channels)
     return (x_view.detach() - weight * g.to(x_view.dtype)).detach()
 
 
-def _perceptual_grad(x0, xv, decode, perceptual, anchor_image, channels) -> torch.Tensor:
+def _perceptual_grad(x0, xv, decode, loss, channels) -> torch.Tensor:
     img = decode(x0[:, :channels]).clamp(-1, 1)
-    loss = perceptual(img, anchor_image.to(img)).sum()
-    (g,) = torch.autograd.grad(loss, xv)
+    (g,) = torch.autograd.grad(loss(img).sum(), xv)
     return g
 
 
@@ -458,6 +465,7 @@ def tiled_sample(
             xa = crop_view(x, views[a_idx])
             x0a, _ = _x0_eps(denoiser, xa, tt1, cond)
             anchor_img = decode(x0a[:, :cfg.sync_channels]).clamp(-1, 1).detach()
+            anchor_loss = reference_loss(perceptual, anchor_img)  # the anchor's LPIPS features once per step
             stats.view_evals += 1
             stats.denoiser_calls += 1
             stats.decodes += 1
@@ -477,7 +485,7 @@ def tiled_sample(
                     xs = torch.cat([crop_view(x, v) for _, v in chunk])
                     new = sync_view_update(denoiser, xs, tt1.repeat(m), _repeat_cond(cond, m, B),
                                            anchor_img.repeat(m, 1, 1, 1), decode, perceptual, w_i,
-                                           cfg.sync_channels)
+                                           cfg.sync_channels, loss=anchor_loss)
                     stats.grad_evals += m
                     stats.denoiser_calls += 1
                     stats.decodes += 1

@@ -538,3 +538,36 @@ def test_offsets_are_validated_and_a_narrow_circular_panorama_warns(caplog):
     with caplog.at_level("WARNING", logger="jointdiffusion"):
         tiled_sample(den, x[..., :8], ts, None, cfg)  # 8 latents wide, window 8: nothing can wrap
     assert "'circular' has no effect" in caplog.text and "8 latents wide" in caplog.text
+
+
+def test_reference_loss_equals_lpips_with_the_reference_repeated():
+    from jointcore.metrics_pano import reference_loss
+
+    perc = load_lpips("alex", random_backbone=True)
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    imgs = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1  # 3 views × batch 2
+    want = perc(imgs, ref.repeat(3, 1, 1, 1))
+    got = reference_loss(perc, ref)(imgs)
+    assert got.shape == want.shape == (6, 1, 1, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    plain = reference_loss(lambda a, b: (a - b).abs().mean((1, 2, 3)), ref)  # any other perceptual function
+    torch.testing.assert_close(plain(imgs), (imgs - ref.repeat(3, 1, 1, 1)).abs().mean((1, 2, 3)))
+
+
+def test_batched_sync_gradients_equal_the_per_view_loop():
+    """SyncDiffusion with its gradient passes batched across views gives the one-view-at-a-time result."""
+    unet, vae = tiny_unet(sample_size=8).eval(), tiny_vae().eval()
+    den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
+    cond = TextConditioning(torch.randn(1, 5, 32), torch.randn(1, 5, 32), 7.5)
+    perc = load_lpips("alex", random_backbone=True)
+    ts = ddim_timesteps(6, "leading", steps_offset=1)
+    x = torch.randn(1, 4, 8, 40)
+    outs = []
+    for vb in (1, 5):
+        cfg = TiledConfig.syncdiffusion(window=8, stride=4, sync_thres=3, view_batch=vb)
+        st = TiledStats()
+        outs.append(tiled_sample(den, x, ts, cond, cfg, decode=lambda z: vae.decode(z / 0.18215).sample,
+                                 perceptual=perc, stats=st, generator=torch.Generator().manual_seed(0)))
+        assert st.grad_evals == 3 * 8  # 9 views, the anchor excluded, 3 synchronised steps
+    assert (outs[0] - outs[1]).abs().max() < 5e-3
