@@ -571,8 +571,10 @@ def tiled_decode(decode: DecodeFn, latent: torch.Tensor, tile: IntPair = 64, ove
     Tiles of ``tile`` latents overlap by ``overlap`` latents and are blended with linear ramps over the
     overlap (value / count in pixel space). Each tile is decoded with ``context`` extra latents on every
     side (taken across the 360° seam when ``circular``, clamped at the panorama border otherwise) which are
-    cropped off after decoding, so tile borders see their neighbours (fewer seams). Peak activation memory
-    is that of one ``(tile + 2·context)²`` decode instead of the whole panorama's.
+    cropped off after decoding, so tile borders see their neighbours (fewer seams). Peak memory is the output
+    image plus one ``(tile + 2·context)²`` decode: the tiles form a grid (every row start with every column
+    start) and share one ramp shape, so the blending weights' sum is the outer product of two 1-D sums and is
+    kept as two vectors, and the division happens in place.
 
     Args:
         decode: ``latent → image`` (any channel count in/out; e.g. ``vae.decode(z / 0.18215).sample``).
@@ -588,7 +590,7 @@ def tiled_decode(decode: DecodeFn, latent: torch.Tensor, tile: IntPair = 64, ove
     sh, sw = max(th - oh, 1), max(tw - ow, 1)
     ys = axis_starts(H, th, sh, False)
     xs = axis_starts(W, tw, sw, circular)
-    out = count = None
+    out = None
     f = scale
     for y in ys:
         for xo in xs:
@@ -609,15 +611,21 @@ def tiled_decode(decode: DecodeFn, latent: torch.Tensor, tile: IntPair = 64, ove
                     raise ValueError("could not infer the decoder scale; pass scale=")
             if out is None:
                 out = torch.zeros((B, img.shape[1], H * f, W * f), dtype=torch.float32, device=img.device)
-                count = torch.zeros((1, 1, H * f, W * f), dtype=torch.float32, device=img.device)
+                ry = linear_ramp(th * f, oh * f if len(ys) > 1 else 0, img.device)
+                rx = linear_ramp(tw * f, ow * f if len(xs) > 1 else 0, img.device)
+                wmap = ry[:, None] * rx[None, :]
+                # the weight sum: Σ_tiles ry(y − y_t)·rx(x − x_t) = (Σ_t ry(y − y_t)) · (Σ_t rx(x − x_t))
+                cy = torch.zeros((1, 1, H * f, 1), dtype=torch.float32, device=img.device)
+                cx = torch.zeros((1, 1, 1, W * f), dtype=torch.float32, device=img.device)
+                for yy in ys:
+                    paste_add(cy, ry[None, None, :, None], View(yy * f, 0, th * f, 1))
+                for xx in xs:  # (wraps across the 360° seam like the tiles: paste_add indexes modulo the width)
+                    paste_add(cx, rx[None, None, None, :], View(0, xx * f, 1, tw * f))
             core = img[:, :, (y - y0) * f:(y - y0 + th) * f, x_lo * f:(x_lo + tw) * f].float()
-            ry = linear_ramp(th * f, oh * f if len(ys) > 1 else 0, img.device)
-            rx = linear_ramp(tw * f, ow * f if len(xs) > 1 else 0, img.device)
-            wmap = ry[:, None] * rx[None, :]
-            pv = View(y * f, xo * f, th * f, tw * f)
-            paste_add(out, core * wmap, pv)
-            paste_add(count, wmap[None, None], pv)
-    return (out / count).to(latent.dtype if latent.is_floating_point() else torch.float32)
+            paste_add(out, core * wmap, View(y * f, xo * f, th * f, tw * f))
+            del img, core
+    out.div_(cy).div_(cx)
+    return out.to(latent.dtype if latent.is_floating_point() else torch.float32)
 
 
 def decode_circular_padded(decode: DecodeFn, latent: torch.Tensor, padding: int = 8,
