@@ -85,10 +85,11 @@ def checked_inputs(mappings: dict) -> dict:
 
 
 def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """ComfyUI IMAGE ``[B,H,W,C]`` → ``[B,C,H,W]`` float32 (only the first 3 channels); NaN/Inf are refused."""
+    """ComfyUI IMAGE ``[B,H,W,C]`` → ``[B,C,H,W]`` float32 (only the first 3 channels). NaN/Inf were refused
+    already: every node input passes :func:`check_inputs` (:func:`checked_inputs`)."""
     if image.ndim != 4:
         raise ValueError(f"expected an IMAGE of shape [B,H,W,C] for '{name}', got {tuple(image.shape)}")
-    return require_finite(name, image[..., :3].permute(0, 3, 1, 2).float().contiguous())
+    return image[..., :3].permute(0, 3, 1, 2).float().contiguous()
 
 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
@@ -100,15 +101,15 @@ def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
 
 def mask_to_b1hw(mask: Optional[torch.Tensor], batch: int, height: int, width: int,
                  name: str = "mask") -> Optional[torch.Tensor]:
-    """ComfyUI MASK → ``[B,1,H,W]``, resized (nearest) to ``height×width`` and repeated to ``batch``; NaN/Inf
-    are refused by the input's ``name``."""
+    """ComfyUI MASK → ``[B,1,H,W]``, resized (nearest) to ``height×width`` and repeated to ``batch`` (errors name
+    the input ``name``; NaN/Inf were refused already by :func:`check_inputs`)."""
     if mask is None:
         return None
-    m = require_finite(name, mask.float())
+    m = mask.float()
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3:
-        raise ValueError(f"expected a MASK of shape [B,H,W], got {tuple(mask.shape)}")
+        raise ValueError(f"expected a MASK of shape [B,H,W] for '{name}', got {tuple(mask.shape)}")
     m = m[:, None]
     if m.shape[-2:] != (height, width):
         m = torch.nn.functional.interpolate(m, size=(height, width), mode="nearest")

@@ -21,7 +21,7 @@ from ..jointcore import schedules as S
 from ..jointcore.denoiser import TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
 from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, list_model_dirs,
-                     mask_to_b1hw, offload_device, progress, register_model_folder, require_finite, resolve_model_dir,
+                     mask_to_b1hw, offload_device, progress, register_model_folder, resolve_model_dir,
                      running, torch_device, weights_to_move)
 
 FOLDER = "jointnet"
@@ -55,8 +55,9 @@ class JointNetBundle:
 
 
 def _joint_samples(joint_latent: dict) -> torch.Tensor:
-    """The 8-channel joint latent of a JD_JOINT_LATENT input (checked: shape, finite values)."""
-    z = require_finite("joint_latent", joint_latent["samples"])
+    """The 8-channel joint latent of a JD_JOINT_LATENT input (shape checked; its values were checked finite by
+    :func:`~.common.checked_inputs`)."""
+    z = joint_latent["samples"]
     if z.ndim != 4 or z.shape[1] != 8:
         raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
                          f"{tuple(z.shape)}")
@@ -148,8 +149,6 @@ class JDJointEncode:
         if image is None and depth is None:
             raise ValueError("connect an image, a depth map or both")
         rgb_lat = dense_lat = None
-        require_finite("image", image)
-        require_finite("depth", depth)
         if image is not None:
             rgb_lat = vae.encode(_crop8(image[..., :3])).float()
         if depth is not None:
@@ -266,8 +265,6 @@ class JDJointKSampler:
                image_mask=None, depth_mask=None):
         b: JointNetBundle = jointnet
         z = _joint_samples(joint_latent)
-        for k, v in (("cfg", cfg), ("eta", eta), ("denoise", denoise)):
-            require_finite(k, v)
         B, _, h, w = z.shape
         if task == "masks_only":
             m_img = m_dep = 1.0
@@ -345,8 +342,6 @@ class JDJointPanoramaSampler:
 
         b: JointNetBundle = jointnet
         z = _joint_samples(joint_latent)
-        for k, v in (("cfg", cfg), ("denoise", denoise)):
-            require_finite(k, v)
         if b.model.has_masked_latent_input:
             raise ValueError("panoramas need the joint-generation model (e.g. rgbd_finetune_sd21b), not the "
                              "mask-conditioned inpaint model")
