@@ -483,9 +483,8 @@ def tiled_sample(
                         check()
                     m = len(chunk)
                     xs = torch.cat([crop_view(x, v) for _, v in chunk])
-                    new = sync_view_update(denoiser, xs, tt1.repeat(m), _repeat_cond(cond, m, B),
-                                           anchor_img.repeat(m, 1, 1, 1), decode, perceptual, w_i,
-                                           cfg.sync_channels, loss=anchor_loss)
+                    new = sync_view_update(denoiser, xs, tt1.repeat(m), _repeat_cond(cond, m, B), anchor_img,
+                                           decode, perceptual, w_i, cfg.sync_channels, loss=anchor_loss)
                     stats.grad_evals += m
                     stats.denoiser_calls += 1
                     stats.decodes += 1

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..jointcore.metrics_pano import load_lpips
+from ..jointcore.runtime.interrupt import interruptible
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from ..jointcore.runtime.interrupt import interruptible
 from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, interrupt_check
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]

@@ -183,7 +183,7 @@ def diffusers_build(cls=None):
         from diffusers import UNet2DConditionModel as cls
 
     def build(cfg):
-        return cls.from_config({k: v for k, v in cfg.items()})
+        return cls.from_config(dict(cfg))
     return build
 
 

@@ -123,22 +123,6 @@ def sd_activation_bytes(unet: torch.nn.Module, vae: torch.nn.Module, batch: int,
     return estimate(max(peaks))
 
 
-def meta_like(x: Any) -> Any:
-    """Tensors (also inside lists, tuples, dicts and dataclass-like objects' ``__dict__``) → ``meta`` twins."""
-    if isinstance(x, torch.Tensor):
-        return torch.empty_like(x, device="meta")
-    if isinstance(x, (list, tuple)):
-        return type(x)(meta_like(v) for v in x)
-    if isinstance(x, dict):
-        return {k: meta_like(v) for k, v in x.items()}
-    if hasattr(x, "__dict__") and not isinstance(x, type) and not isinstance(x, torch.nn.Module):
-        y = copy.copy(x)
-        for k, v in vars(x).items():
-            setattr(y, k, meta_like(v))
-        return y
-    return x
-
-
 def estimate(tracked_peak: int) -> int:
     """Real bytes to plan for, from a tracked peak."""
     return int(tracked_peak * OVERHEAD) + MARGIN
