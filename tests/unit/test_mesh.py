@@ -532,3 +532,17 @@ def test_direct_writers_check_for_cancel_and_write_binary_ply(tmp_path):
     with pytest.raises(Stop):
         M.export_mesh(m, tmp_path / "stopped.glb", check=stop)
     assert not (tmp_path / "stopped.glb").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_banded_faces_equal_the_whole_grid_definition(monkeypatch, wrap):
+    """Building faces in row bands gives exactly grid_faces(h, w)[grid_face_keep(...)] — same faces, same order."""
+    g = torch.Generator().manual_seed(3)
+    h, w = 23, 17
+    valid = torch.rand(h, w, generator=g) > 0.15
+    depth = torch.rand(h, w, generator=g) + 0.5
+    remap = torch.cumsum(valid.reshape(-1).long(), 0) - 1
+    want = remap[M.grid_faces(h, w, wrap)[M.grid_face_keep(valid, depth, 0.3, wrap)]]
+    monkeypatch.setattr(M, "BAND_PIXELS", 3 * w)  # several bands of 3 rows, the last one short
+    got = M._kept_faces(valid, depth, 0.3, wrap, remap, lambda: None)
+    assert torch.equal(got, want)
