@@ -213,13 +213,10 @@ def load_predictor(path: str, dtype: Union[str, torch.dtype] = "fp32", device: U
     info = check_checkpoint_folder(path)
     dt = resolve_dtype(dtype)
     vdt = resolve_dtype(vae_dtype) if vae_dtype is not None else dt
-    vcls = vae_class(os.path.join(path, "vae"))
-    for name, build, stems, d in (("unet", PF.diffusers_build(), PF.DIFFUSERS_STEMS, dt),
-                                  ("vae", PF.diffusers_build(vcls), PF.DIFFUSERS_STEMS, vdt),
-                                  ("text_encoder", PF.clip_text_build, PF.TRANSFORMERS_STEMS, dt)):
+    for name, d in (("unet", dt), ("vae", vdt), ("text_encoder", dt)):
         kw = _load_kwargs(info[name], d)
-        PF.preflight(build, info[name].folder, stems, kw["use_safetensors"], kw.get("variant"),
-                     bytes_per_param=torch.finfo(d).bits // 8, ignore_missing=("text_model.embeddings.position_ids",))
+        PF.preflight_sd_component(path, name, kw["use_safetensors"], kw.get("variant"), torch.finfo(d).bits // 8)
+    vcls = vae_class(os.path.join(path, "vae"))
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt,
                                                 **_load_kwargs(info["unet"], dt))
     vae = vcls.from_pretrained(path, subfolder="vae", torch_dtype=vdt, **_load_kwargs(info["vae"], vdt))

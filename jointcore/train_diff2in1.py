@@ -42,15 +42,9 @@ def load_sd_components(model_dir: str):
         raise ValueError(f"model folder {model_dir!r} lacks {missing}: give a diffusers Stable Diffusion folder "
                          "(unet/, vae/, text_encoder/, tokenizer/, optional scheduler/)")
     from .models import preflight as PF
-    from .models.sd_folder import vae_class
 
-    for sub, build, stems in (("unet", PF.diffusers_build(), PF.DIFFUSERS_STEMS),
-                              ("vae", PF.diffusers_build(vae_class(os.path.join(model_dir, "vae"))),
-                               PF.DIFFUSERS_STEMS),
-                              ("text_encoder", PF.clip_text_build, PF.TRANSFORMERS_STEMS)):
-        folder = os.path.join(model_dir, sub)
-        use_st = bool(PF.weight_files(folder, stems, True))
-        PF.preflight(build, folder, stems, use_st, ignore_missing=("text_model.embeddings.position_ids",))
+    for name in ("unet", "vae", "text_encoder"):
+        PF.preflight_sd_component(model_dir, name)
     if os.path.isdir(os.path.join(model_dir, "scheduler")):
         PF.read_json(os.path.join(model_dir, "scheduler", "scheduler_config.json"), "the noise schedule")
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")

@@ -194,3 +194,23 @@ def clip_text_build(cfg: dict):
 
 DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
 TRANSFORMERS_STEMS = ("model", "pytorch_model")
+
+
+def preflight_sd_component(root: str, name: str, use_safetensors: Optional[bool] = None,
+                           variant: Optional[str] = None, bytes_per_param: int = 4) -> dict[str, Any]:
+    """:func:`preflight` of a Stable Diffusion folder's ``unet``, ``vae`` (``AutoencoderKL`` or
+    ``AutoencoderTiny``, by its config) or ``text_encoder`` (CLIP). ``use_safetensors`` None: whichever the
+    folder holds (safetensors first, as the loaders do)."""
+    import os
+
+    from .sd_folder import vae_class
+
+    folder = os.path.join(root, name)
+    if name == "text_encoder":
+        build, stems = clip_text_build, TRANSFORMERS_STEMS
+    else:
+        build, stems = diffusers_build(vae_class(folder) if name == "vae" else None), DIFFUSERS_STEMS
+    if use_safetensors is None:
+        use_safetensors = bool(weight_files(folder, stems, True, variant))
+    return preflight(build, folder, stems, use_safetensors, variant, bytes_per_param,
+                     ignore_missing=("text_model.embeddings.position_ids",))  # a buffer some checkpoints omit
