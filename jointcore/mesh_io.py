@@ -47,7 +47,7 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndar
         raise ValueError(f"vertices must be [N, 3] with N > 0, got {v.shape}")
     if faces.size and (faces.min() < 0 or faces.max() >= n):
         raise ValueError("face indices out of range")
-    pieces: list[tuple[bytes | memoryview, int, Optional[int]]] = []   # (data, byte length, target)
+    pieces: list[memoryview] = []   # the BIN chunk's parts, each padded to 4 bytes
     accessors, views, attributes = [], [], {}
     offset = 0
 
@@ -58,7 +58,7 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndar
         if target is not None:
             view["target"] = target
         views.append(view)
-        pieces.append((mv, mv.nbytes, target))
+        pieces.append(mv)
         offset += mv.nbytes + _pad(mv.nbytes)
         return len(views) - 1
 
@@ -112,10 +112,10 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndar
     pos = 20 + len(js)
     struct.pack_into("<I4s", out, pos, offset, b"BIN\x00")
     pos += 8
-    for data, nbytes, _ in pieces:
+    for mv in pieces:
         tick()
-        out[pos:pos + nbytes] = data
-        pos += nbytes + _pad(nbytes)
+        out[pos:pos + mv.nbytes] = mv
+        pos += mv.nbytes + _pad(mv.nbytes)
     return out  # a bytearray: written as is, not copied again
 
 
