@@ -594,10 +594,9 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
         color: ``"vertex"`` colours, ``"texture"`` (UV + full-resolution image; GLB and OBJ only — PLY falls
             back to vertex colours), or ``"none"``.
         normals: include vertex normals (GLB, PLY, OBJ meshes).
-        check: called between the pieces of a GLB/PLY file (Cancel).
+        check: called between the pieces of the file (Cancel); a cancelled file is removed.
 
-    GLB and PLY are written directly from the arrays (:mod:`jointcore.mesh_io`, linear in the size); OBJ
-    through trimesh.
+    Every format is written directly from the arrays (:mod:`jointcore.mesh_io`, linear in the size).
     Returns:
         The written paths; the first is the mesh (OBJ textures add ``.mtl`` and ``.png`` beside it).
     """
@@ -621,7 +620,7 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
     if fmt in ("ply", "pointcloud_ply") and color == "texture":
         color = "vertex"
     if fmt == "obj":
-        tm = to_trimesh(mesh, color=color, point_cloud=point_cloud, normals=normals)
+        obj = _obj_arrays(mesh, color, normals)
     else:
         data = _direct_bytes(mesh, fmt, color, normals, check)
     dirname = os.path.dirname(path)
@@ -636,7 +635,7 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
             if fmt != "obj":
                 _write_new(target, data)
                 return [target]
-            return _write_obj(tm, target, color, normals)
+            return _write_obj(obj, target, check)
         except FileExistsError:  # lost a race for the name: pick the next one
             continue
 
@@ -667,32 +666,41 @@ def _direct_bytes(mesh: RGBDMesh, fmt: str, color: str, normals: bool, check) ->
                              mesh.uv.numpy() if png is not None else None, png, check=tick)
 
 
-def _write_obj(tm, target: str, color: str, normals: bool) -> list[str]:
-    from trimesh.exchange.obj import export_obj
+def _obj_arrays(mesh: RGBDMesh, color: str, normals: bool) -> dict:
+    """The arrays :func:`jointcore.mesh_io.write_obj` takes (and the texture PNG for ``color="texture"``)."""
+    out = {"vertices": mesh.vertices.float().numpy(), "faces": mesh.faces.numpy(),
+           "normals": vertex_normals(mesh.vertices, mesh.faces).numpy() if normals else None,
+           "colors": _to_uint8(mesh.colors) if color == "vertex" else None, "uv": None, "png": None}
+    if color == "texture":
+        import io
+
+        buf = io.BytesIO()
+        texture_image(mesh.texture).save(buf, format="PNG", compress_level=1)
+        out["uv"], out["png"] = mesh.uv.float().numpy(), buf.getvalue()
+    return out
+
+
+def _write_obj(obj: dict, target: str, check: Optional[Callable[[], None]]) -> list[str]:
+    """Write the OBJ (and, textured, its ``.mtl`` and ``.png``) as new files; on any error, Cancel included,
+    the files this call created are removed (a taken companion name raises FileExistsError: the caller picks
+    the next name)."""
+    from . import mesh_io
 
     stem = os.path.splitext(target)[0]
     base = os.path.basename(stem)
-    if color != "texture":
-        text = export_obj(tm, include_normals=normals, include_color=color == "vertex", include_texture=False)
-        _write_new(target, text.encode())
-        return [target]
-    text, files = export_obj(tm, include_normals=normals, include_texture=True, return_texture=True,
-                             mtl_name=base + ".mtl")
-    mtl = files[base + ".mtl"].decode()
-    for name in files:  # trimesh names the image after the material; give it this mesh's name
-        if name.lower().endswith(".png"):
-            mtl = mtl.replace(name, base + ".png")
-    import io
-
-    buf = io.BytesIO()
-    tm.visual.material.image.save(buf, format="PNG")
-    paths = [target, stem + ".mtl", stem + ".png"]
+    textured = obj["png"] is not None
+    paths = [target] + ([stem + ".mtl", stem + ".png"] if textured else [])
     written: list[str] = []
     try:
-        for p, data in zip(paths, (text.encode(), mtl.encode(), buf.getvalue())):
-            _write_new(p, data)
-            written.append(p)
-    except FileExistsError:  # a companion name was taken meanwhile: undo this attempt, caller retries
+        with open(target, "xb") as fh:
+            written.append(target)
+            mesh_io.write_obj(fh, obj["vertices"], obj["faces"], obj["normals"], obj["colors"], obj["uv"],
+                              mtllib=base + ".mtl" if textured else None, check=check)
+        if textured:
+            for p, data in ((paths[1], mesh_io.mtl_text("rgbd", base + ".png")), (paths[2], obj["png"])):
+                _write_new(p, data)
+                written.append(p)
+    except BaseException:
         for p in written:
             os.remove(p)
         raise

@@ -540,17 +540,30 @@ def test_offsets_are_validated_and_a_narrow_circular_panorama_warns(caplog):
     assert "'circular' has no effect" in caplog.text and "8 latents wide" in caplog.text
 
 
-def test_reference_loss_equals_lpips_with_the_reference_repeated():
+@pytest.mark.parametrize("net,lin", [("alex", True), ("vgg", True), ("alex", False)])
+def test_reference_loss_equals_lpips_with_the_reference_repeated(net, lin):
+    """The expanded per-layer form gives LPIPS.forward's value and gradient (the LPIPS weights are the real
+    linear layers shipped with the lpips package; lin=False is LPIPS' plain channel sum)."""
+    import lpips
+
     from jointcore.metrics_pano import reference_loss
 
-    perc = load_lpips("alex", random_backbone=True)
+    perc = load_lpips(net, random_backbone=True) if lin else \
+        lpips.LPIPS(net=net, lpips=False, pnet_rand=True, verbose=False).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    ref = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
-    imgs = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1  # 3 views × batch 2
-    want = perc(imgs, ref.repeat(3, 1, 1, 1))
-    got = reference_loss(perc, ref)(imgs)
+    ref = torch.rand(2, 3, 48, 48, generator=g) * 2 - 1
+    imgs = torch.rand(6, 3, 48, 48, generator=g) * 2 - 1  # 3 views × batch 2
+    a, b = imgs.clone().requires_grad_(True), imgs.clone().requires_grad_(True)
+    want = perc(a, ref.repeat(3, 1, 1, 1))
+    got = reference_loss(perc, ref)(b)
     assert got.shape == want.shape == (6, 1, 1, 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (ga,) = torch.autograd.grad(want.sum(), a)
+    (gb,) = torch.autograd.grad(got.sum(), b)
+    assert ga.abs().max() > 0
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5 * float(ga.abs().max()))
+    # the same image as the reference: distance 0
+    torch.testing.assert_close(reference_loss(perc, ref)(ref), torch.zeros(2, 1, 1, 1), rtol=0, atol=1e-6)
     plain = reference_loss(lambda a, b: (a - b).abs().mean((1, 2, 3)), ref)  # any other perceptual function
     torch.testing.assert_close(plain(imgs), (imgs - ref.repeat(3, 1, 1, 1)).abs().mean((1, 2, 3)))
 
