@@ -60,7 +60,8 @@ class RGBDMesh:
 
     Attributes:
         vertices: ``[N, 3]`` float32 positions (glTF frame), all finite.
-        faces: ``[F, 3]`` int64 indices into ``vertices`` (counter-clockwise seen from the camera).
+        faces: ``[F, 3]`` indices into ``vertices`` (counter-clockwise seen from the camera): int32 (half the
+            memory of int64; every file format stores 32-bit indices) unless there are 2³¹ vertices or more.
         colors: ``[N, 3]`` float32 colours in 0–1 (the image averaged over the grid cell).
         uv: ``[N, 2]`` float32 texture coordinates into ``texture`` (OpenGL convention: ``v`` up).
         texture: ``[3, H, W]`` float32 full-resolution image the ``uv`` point into.
@@ -86,13 +87,22 @@ class RGBDMesh:
         """The same mesh without vertices that no face uses (isolated valid pixels)."""
         n = self.vertices.shape[0]
         used = torch.zeros(n, dtype=torch.bool)
-        if self.faces.numel():
-            used[self.faces.reshape(-1)] = True
-        remap = torch.cumsum(used.long(), 0) - 1
+        for a in range(0, self.faces.shape[0], CHUNK):  # (index_fill_ takes int64 indices only)
+            used.index_fill_(0, self.faces[a:a + CHUNK].reshape(-1).long(), True)
+        if bool(used.all()):
+            return self
+        keep = torch.nonzero(used).reshape(-1)
+        remap = torch.cumsum(used, 0, dtype=self.faces.dtype) - 1
+        faces = torch.empty_like(self.faces)
+        for a in range(0, faces.shape[0], CHUNK):
+            faces[a:a + CHUNK] = remap[self.faces[a:a + CHUNK]]
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, keep)
         return RGBDMesh(
-            vertices=self.vertices[used], faces=remap[self.faces], colors=self.colors[used], uv=self.uv[used],
-            texture=self.texture, pixel_index=self.pixel_index[used], grid_size=self.grid_size,
-            depth=self.depth[used],
+            vertices=pick(self.vertices), faces=faces, colors=pick(self.colors), uv=pick(self.uv),
+            texture=self.texture, pixel_index=pick(self.pixel_index), grid_size=self.grid_size,
+            depth=pick(self.depth),
         )
 
 
@@ -287,30 +297,41 @@ def _face_keep_pair(valid: torch.Tensor, depth: torch.Tensor, threshold: float, 
 
 #: pixels per band when a mesh is built in row bands (Cancel is checked between bands)
 BAND_PIXELS = 1 << 21
+#: rows per block in the per-vertex / per-face passes: big enough to amortise the calls, small enough (≤ 24 MiB a
+#: temporary) that the allocator reuses the memory instead of mapping and faulting in fresh pages each time
+#: (which made a 4096×2048 mesh cost twice a 2048×512 one per pixel)
+CHUNK = 1 << 20
+
+
+def index_dtype(n: int) -> torch.dtype:
+    """int32 for indices below 2³¹ (half the memory of int64), else int64."""
+    return torch.int32 if n < 2**31 else torch.int64
 
 
 def _kept_faces(valid: torch.Tensor, depth: torch.Tensor, threshold: float, wrap: bool, remap: torch.Tensor,
                 tick: Callable[[], None]) -> torch.Tensor:
     """``remap[grid_faces(h, w, wrap)[grid_face_keep(...)]]`` built in row bands (same faces, same order: every
-    first triangle of the grid, then every second one), without materialising the whole face grid."""
+    first triangle of the grid, then every second one), without materialising the whole face grid: the keep
+    masks of every band are found first, then each band's corners are written straight into the output."""
     h, w = valid.shape
     band = max(1, BAND_PIXELS // max(w, 1))
-    first, second = [], []
+    bands, n_first, n_second = [], 0, 0
     for q0 in range(0, h - 1, band):
         tick()
         q1 = min(h - 1, q0 + band)  # quads q0 ≤ q < q1 use pixel rows q0 … q1
         k1, k2 = _face_keep_pair(valid[q0:q1 + 1], depth[q0:q1 + 1], threshold, wrap)
+        c1, c2 = int(k1.sum()), int(k2.sum())
+        bands.append((q0, q1, k1, k2, n_first, n_second, c1, c2))
+        n_first, n_second = n_first + c1, n_second + c2
+    out = torch.empty(n_first + n_second, 3, dtype=remap.dtype)
+    for q0, q1, k1, k2, o1, o2, c1, c2 in bands:
+        tick()
         idx = remap[q0 * w:(q1 + 1) * w].view(q1 + 1 - q0, w)
         a, b, c, d = _quad_corners(idx, wrap)
-        first.append(torch.stack([a[k1], b[k1], c[k1]], -1))
-        second.append(torch.stack([c[k2], b[k2], d[k2]], -1))
-    parts = first + second
-    out = torch.empty(sum(p.shape[0] for p in parts), 3, dtype=torch.int64)
-    n = 0
-    for p in parts:  # filled part by part (a single cat of ~10⁸ faces takes seconds without a Cancel check)
-        tick()
-        out[n:n + p.shape[0]] = p
-        n += p.shape[0]
+        for k, corners, o, cnt in ((k1, (a, b, c), o1, c1), (k2, (c, b, d), n_first + o2, c2)):
+            dst = out[o:o + cnt]
+            for j, x in enumerate(corners):
+                dst[:, j] = x[k]
     return out
 
 
@@ -480,24 +501,29 @@ def rgbd_to_mesh(
 
         vflat = valid.reshape(-1)
         dflat = dsafe.reshape(-1)
-        remap = torch.cumsum(vflat.long(), 0) - 1
+        remap = torch.cumsum(vflat, 0, dtype=index_dtype(vflat.numel())) - 1
         faces = _kept_faces(valid, dsafe, discontinuity_threshold, wrap, remap, tick)
         tick()
         pix = torch.nonzero(vflat).reshape(-1)
         del remap
-        tick()
-        rows, cols = pix // w, pix % w
-        uv = torch.stack([(cols.float() + 0.5) / w, 1.0 - (rows.float() + 0.5) / h], -1)
-        del rows, cols
-        tick()
-        vertices = pts.reshape(-1, 3)[pix]
+        n = pix.shape[0]
+        vertices, uv, colors = torch.empty(n, 3), torch.empty(n, 2), torch.empty(n, 3)
+        vdepth = torch.empty(n)
+        flat_pts, flat_img = pts.reshape(-1, 3), img.reshape(3, -1)
+        for a in range(0, n, CHUNK):  # in blocks (small temporaries; Cancel between them)
+            tick()
+            p = pix[a:a + CHUNK]
+            torch.index_select(flat_pts, 0, p, out=vertices[a:a + CHUNK])
+            colors[a:a + CHUNK] = flat_img.index_select(1, p).T  # (index_select into a transposed out is slow)
+            torch.index_select(dflat, 0, p, out=vdepth[a:a + CHUNK])
+            t = uv[a:a + CHUNK]
+            t[:, 0] = (p % w).float().add_(0.5).div_(w)
+            t[:, 1] = (p // w).float().add_(0.5).div_(-h).add_(1.0)
         del pts
-        tick()
-        colors = img.reshape(3, -1)[:, pix].T.contiguous()
         tick()
         meshes.append(RGBDMesh(
             vertices=vertices, faces=faces, colors=colors, uv=uv, texture=texture, pixel_index=pix,
-            grid_size=(h, w), depth=dflat[pix].float(),
+            grid_size=(h, w), depth=vdepth,
         ))
     return meshes
 
@@ -507,8 +533,10 @@ def rgbd_to_mesh(
 def _to_uint8(colors: torch.Tensor) -> "np.ndarray":
     import numpy as np
 
-    c = (colors.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-    return np.concatenate([c, np.full((c.shape[0], 1), 255, np.uint8)], 1)
+    out = np.full((colors.shape[0], 4), 255, np.uint8)
+    for a in range(0, colors.shape[0], CHUNK):
+        out[a:a + CHUNK, :3] = (colors[a:a + CHUNK].clamp(0, 1) * 255.0).round_().to(torch.uint8).numpy()
+    return out
 
 
 def texture_image(texture: torch.Tensor):
@@ -525,14 +553,20 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     Vertices without a face get ``(0, 0, 1)``.
     """
     v = vertices.float()
-    p0 = v[faces[:, 0]]
-    fn = torch.linalg.cross(v[faces[:, 1]] - p0, v[faces[:, 2]] - p0)  # 2·area·normal
     n = torch.zeros_like(v)
-    for k in range(3):
-        n.index_add_(0, faces[:, k], fn)
-    length = n.norm(dim=1, keepdim=True)
-    up = torch.tensor([0.0, 0.0, 1.0], dtype=v.dtype).expand_as(n)
-    return torch.where(length > 0, n / length.clamp_min(1e-30), up)
+    for a in range(0, faces.shape[0], CHUNK):  # in blocks: the temporaries stay small and are reused
+        f = faces[a:a + CHUNK].long()  # (index_add_ is several times slower with int32 indices)
+        p0 = v.index_select(0, f[:, 0])
+        fn = torch.linalg.cross(v.index_select(0, f[:, 1]) - p0, v.index_select(0, f[:, 2]) - p0)  # 2·area·normal
+        for k in range(3):
+            n.index_add_(0, f[:, k], fn)
+    for a in range(0, n.shape[0], CHUNK):
+        blk = n[a:a + CHUNK]
+        length = blk.norm(dim=1, keepdim=True)
+        zero = length[:, 0] == 0
+        blk /= length.clamp_min_(1e-30)
+        blk[zero] = torch.tensor([0.0, 0.0, 1.0], dtype=v.dtype)
+    return n
 
 
 def to_trimesh(mesh: RGBDMesh, color: str = "vertex", point_cloud: bool = False, normals: bool = True):
@@ -619,10 +653,7 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
                              "write a point cloud instead")
     if fmt in ("ply", "pointcloud_ply") and color == "texture":
         color = "vertex"
-    if fmt == "obj":
-        obj = _obj_arrays(mesh, color, normals)
-    else:
-        data = _direct_bytes(mesh, fmt, color, normals, check)
+    arrays = _file_arrays(mesh, fmt, color, normals, check)
     dirname = os.path.dirname(path)
     if dirname:
         os.makedirs(dirname, exist_ok=True)
@@ -632,72 +663,61 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
     while True:
         target = unique_path(stem + out_ext, companions)
         try:
-            if fmt != "obj":
-                _write_new(target, data)
-                return [target]
-            return _write_obj(obj, target, check)
+            return _write_files(fmt, arrays, target, check)
         except FileExistsError:  # lost a race for the name: pick the next one
             continue
 
 
-def _direct_bytes(mesh: RGBDMesh, fmt: str, color: str, normals: bool, check) -> bytes:
-    """GLB or PLY bytes of ``mesh`` from its arrays (:mod:`jointcore.mesh_io`)."""
-    from . import mesh_io
-
+def _file_arrays(mesh: RGBDMesh, fmt: str, color: str, normals: bool, check) -> dict:
+    """The arrays the :mod:`jointcore.mesh_io` writers take (and the texture PNG for ``color="texture"``)."""
     tick = check or (lambda: None)
-    v = mesh.vertices.float().numpy()
+    out = {"vertices": mesh.vertices.float().numpy(), "faces": None, "normals": None, "colors": None, "uv": None,
+           "png": None}
     if fmt == "pointcloud_ply":
-        return mesh_io.ply_bytes(v, None, None, _to_uint8(mesh.colors) if color != "none" else None, check=tick)
-    f = mesh.faces.numpy()
+        out["colors"] = _to_uint8(mesh.colors) if color != "none" else None
+        return out
+    out["faces"] = mesh.faces.numpy()
     tick()
-    vn = vertex_normals(mesh.vertices, mesh.faces).numpy() if normals else None
-    tick()
-    if fmt == "ply":
-        return mesh_io.ply_bytes(v, f, vn, _to_uint8(mesh.colors) if color != "none" else None, check=tick)
-    png = None
-    if color == "texture":
-        import io
-
-        buf = io.BytesIO()
-        texture_image(mesh.texture).save(buf, format="PNG", compress_level=1)
-        png = buf.getvalue()
+    if normals:
+        out["normals"] = vertex_normals(mesh.vertices, mesh.faces).numpy()
         tick()
-    return mesh_io.glb_bytes(v, f, vn, _to_uint8(mesh.colors) if color == "vertex" else None,
-                             mesh.uv.numpy() if png is not None else None, png, check=tick)
-
-
-def _obj_arrays(mesh: RGBDMesh, color: str, normals: bool) -> dict:
-    """The arrays :func:`jointcore.mesh_io.write_obj` takes (and the texture PNG for ``color="texture"``)."""
-    out = {"vertices": mesh.vertices.float().numpy(), "faces": mesh.faces.numpy(),
-           "normals": vertex_normals(mesh.vertices, mesh.faces).numpy() if normals else None,
-           "colors": _to_uint8(mesh.colors) if color == "vertex" else None, "uv": None, "png": None}
-    if color == "texture":
+    if color == "vertex" or (fmt == "ply" and color != "none"):
+        out["colors"] = _to_uint8(mesh.colors)
+    elif color == "texture":
         import io
 
         buf = io.BytesIO()
         texture_image(mesh.texture).save(buf, format="PNG", compress_level=1)
         out["uv"], out["png"] = mesh.uv.float().numpy(), buf.getvalue()
+    tick()
     return out
 
 
-def _write_obj(obj: dict, target: str, check: Optional[Callable[[], None]]) -> list[str]:
-    """Write the OBJ (and, textured, its ``.mtl`` and ``.png``) as new files; on any error, Cancel included,
-    the files this call created are removed (a taken companion name raises FileExistsError: the caller picks
-    the next name)."""
+def _write_files(fmt: str, arrays: dict, target: str, check: Optional[Callable[[], None]]) -> list[str]:
+    """Stream the file (and, for a textured OBJ, its ``.mtl`` and ``.png``) into new files; on any error, Cancel
+    included, the files this call created are removed (a taken companion name raises FileExistsError: the
+    caller picks the next name)."""
     from . import mesh_io
 
+    a = arrays
     stem = os.path.splitext(target)[0]
     base = os.path.basename(stem)
-    textured = obj["png"] is not None
-    paths = [target] + ([stem + ".mtl", stem + ".png"] if textured else [])
+    companions = fmt == "obj" and a["png"] is not None
+    paths = [target] + ([stem + ".mtl", stem + ".png"] if companions else [])
     written: list[str] = []
     try:
-        with open(target, "xb") as fh:
+        with open(target, "xb") as fh:  # "x": fails instead of overwriting
             written.append(target)
-            mesh_io.write_obj(fh, obj["vertices"], obj["faces"], obj["normals"], obj["colors"], obj["uv"],
-                              mtllib=base + ".mtl" if textured else None, check=check)
-        if textured:
-            for p, data in ((paths[1], mesh_io.mtl_text("rgbd", base + ".png")), (paths[2], obj["png"])):
+            if fmt == "glb":
+                mesh_io.write_glb(fh, a["vertices"], a["faces"], a["normals"], a["colors"], a["uv"], a["png"],
+                                  check=check)
+            elif fmt == "obj":
+                mesh_io.write_obj(fh, a["vertices"], a["faces"], a["normals"], a["colors"], a["uv"],
+                                  mtllib=base + ".mtl" if companions else None, check=check)
+            else:
+                mesh_io.write_ply(fh, a["vertices"], a["faces"], a["normals"], a["colors"], check=check)
+        if companions:
+            for p, data in ((paths[1], mesh_io.mtl_text("rgbd", base + ".png")), (paths[2], a["png"])):
                 _write_new(p, data)
                 written.append(p)
     except BaseException:

@@ -3,7 +3,8 @@
 A mesh from :func:`jointcore.mesh.rgbd_to_mesh` is already a set of flat arrays (positions, triangle indices,
 colours, UVs, normals), which is exactly what these formats store. Writing them with numpy (one copy per array)
 instead of through a generic scene exporter keeps the time and memory linear in the pixel count and lets a
-caller check for Cancel between the pieces.
+caller check for Cancel between the pieces. Each writer streams to an open file a block of rows at a time, so no
+copy of the whole file is held in memory.
 
 GLB layout (glTF 2.0 §4.4): a 12-byte header, a JSON chunk (padded with spaces to 4 bytes) and a BIN chunk
 (padded with zeros). Attributes: ``POSITION`` (float32, with the ``min``/``max`` the spec requires),
@@ -12,6 +13,7 @@ texture as an embedded PNG), indices uint32. One primitive, one node, one scene.
 """
 from __future__ import annotations
 
+import io
 import json
 import struct
 from typing import Callable, Optional
@@ -26,10 +28,24 @@ def _pad(n: int) -> int:
     return (4 - n % 4) % 4
 
 
-def glb_bytes(vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndarray] = None,
+#: rows converted and written at a time (small temporaries, reused by the allocator; Cancel between blocks)
+BLOCK = 1 << 20
+
+
+def _blocks(arr: np.ndarray, convert: Callable[[np.ndarray], np.ndarray], tick: Callable[[], None]):
+    """``convert`` applied to ``arr`` a block of rows at a time, as byte views (``tick`` before each)."""
+    for a in range(0, arr.shape[0], BLOCK):
+        tick()
+        yield memoryview(np.ascontiguousarray(convert(arr[a:a + BLOCK]))).cast("B")
+
+
+def write_glb(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndarray] = None,
               colors: Optional[np.ndarray] = None, uv: Optional[np.ndarray] = None,
-              texture_png: Optional[bytes] = None, check: Optional[Callable[[], None]] = None) -> bytearray:
-    """A GLB file of one triangle mesh.
+              texture_png: Optional[bytes] = None, check: Optional[Callable[[], None]] = None) -> int:
+    """Write a GLB file of one triangle mesh to the binary file ``fh``; returns its length in bytes.
+
+    The JSON chunk only needs each buffer's length, so it is written first and the arrays follow block by block,
+    converted on the way (indices to uint32, colours to RGBA, UVs flipped): no copy of the whole file is held.
 
     Args:
         vertices: ``[N, 3]`` float32 positions.
@@ -38,34 +54,36 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndar
         colors: ``[N, 4]`` (or ``[N, 3]``) uint8 vertex colours, or None.
         uv: ``[N, 2]`` float32 texture coordinates (OpenGL convention, ``v`` up; flipped to glTF's ``v`` down
             here), with ``texture_png`` the PNG bytes of the texture; or None.
-        check: called between the pieces (Cancel).
+        check: called between blocks (Cancel).
     """
     tick = check or (lambda: None)
     v = np.ascontiguousarray(vertices, dtype=np.float32)
     n = v.shape[0]
     if v.ndim != 2 or v.shape[1] != 3 or n == 0:
         raise ValueError(f"vertices must be [N, 3] with N > 0, got {v.shape}")
-    if faces.size and (faces.min() < 0 or faces.max() >= n):
+    f = np.asarray(faces)
+    if f.size and (f.min() < 0 or f.max() >= n):
         raise ValueError("face indices out of range")
-    pieces: list[memoryview] = []   # the BIN chunk's parts, each padded to 4 bytes
+    tick()
+    pieces: list = []   # (byte length, iterable of byte views): the BIN chunk's parts, each padded to 4 bytes
     accessors, views, attributes = [], [], {}
     offset = 0
 
-    def add_view(data, target):
+    def add_view(nbytes: int, chunks, target):
         nonlocal offset
-        mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
-        view = {"buffer": 0, "byteOffset": offset, "byteLength": mv.nbytes}
+        view = {"buffer": 0, "byteOffset": offset, "byteLength": nbytes}
         if target is not None:
             view["target"] = target
         views.append(view)
-        pieces.append(mv)
-        offset += mv.nbytes + _pad(mv.nbytes)
+        pieces.append((nbytes, chunks))
+        offset += nbytes + _pad(nbytes)
         return len(views) - 1
 
-    def add_accessor(arr: np.ndarray, ctype: int, kind: str, target: int, normalized=False, bounds=False):
-        tick()
-        acc = {"bufferView": add_view(np.ascontiguousarray(arr), target), "componentType": ctype,
-               "count": int(arr.shape[0]), "type": kind}
+    def add_accessor(arr: np.ndarray, width: int, itemsize: int, convert, ctype: int, kind: str, target: int,
+                     normalized=False, bounds=False):
+        acc = {"bufferView": add_view(arr.shape[0] * width * itemsize, _blocks(arr, convert, tick), target),
+               "componentType": ctype, "count": int(arr.shape[0]) * (width if kind == "SCALAR" else 1),
+               "type": kind}
         if normalized:
             acc["normalized"] = True
         if bounds:
@@ -74,28 +92,35 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndar
         accessors.append(acc)
         return len(accessors) - 1
 
-    attributes["POSITION"] = add_accessor(v, FLOAT, "VEC3", ARRAY_BUFFER, bounds=True)
+    def as_f32(x):
+        return np.asarray(x, np.float32)
+
+    attributes["POSITION"] = add_accessor(v, 3, 4, as_f32, FLOAT, "VEC3", ARRAY_BUFFER, bounds=True)
     if normals is not None:
-        attributes["NORMAL"] = add_accessor(np.asarray(normals, np.float32), FLOAT, "VEC3", ARRAY_BUFFER)
+        attributes["NORMAL"] = add_accessor(np.asarray(normals), 3, 4, as_f32, FLOAT, "VEC3", ARRAY_BUFFER)
     material: dict = {"pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0,
                                                "roughnessFactor": 1.0}}
     doc: dict = {"asset": {"version": "2.0", "generator": "jointdiffusion mesh_io"}}
     if uv is not None and texture_png is not None:
-        t = np.asarray(uv, np.float32).copy()
-        t[:, 1] = 1.0 - t[:, 1]  # glTF's UV origin is the top-left corner
-        attributes["TEXCOORD_0"] = add_accessor(t, FLOAT, "VEC2", ARRAY_BUFFER)
-        tick()
-        img_view = add_view(texture_png, None)
+        def flip(t):
+            t = np.array(t, np.float32)
+            t[:, 1] = 1.0 - t[:, 1]  # glTF's UV origin is the top-left corner
+            return t
+        attributes["TEXCOORD_0"] = add_accessor(np.asarray(uv), 2, 4, flip, FLOAT, "VEC2", ARRAY_BUFFER)
+        img_view = add_view(len(texture_png), [memoryview(texture_png)], None)
         doc.update(images=[{"bufferView": img_view, "mimeType": "image/png"}],
                    samplers=[{"magFilter": 9729, "minFilter": 9729, "wrapS": 33071, "wrapT": 33071}],
                    textures=[{"source": 0, "sampler": 0}])
         material["pbrMetallicRoughness"]["baseColorTexture"] = {"index": 0}
     elif colors is not None:
-        c = np.asarray(colors, np.uint8)
-        if c.shape[1] == 3:
-            c = np.concatenate([c, np.full((n, 1), 255, np.uint8)], 1)
-        attributes["COLOR_0"] = add_accessor(c, UBYTE, "VEC4", ARRAY_BUFFER, normalized=True)
-    idx = add_accessor(np.asarray(faces, np.uint32).reshape(-1, 1), UINT, "SCALAR", ELEMENT_ARRAY_BUFFER)
+        c = np.asarray(colors)
+
+        def rgba(x):
+            x = np.asarray(x, np.uint8)
+            return x if x.shape[1] == 4 else np.concatenate([x, np.full((x.shape[0], 1), 255, np.uint8)], 1)
+        attributes["COLOR_0"] = add_accessor(c, 4, 1, rgba, UBYTE, "VEC4", ARRAY_BUFFER, normalized=True)
+    idx = add_accessor(f.reshape(-1, 3), 3, 4, lambda x: np.asarray(x, np.uint32), UINT, "SCALAR",
+                       ELEMENT_ARRAY_BUFFER)
     prim = {"attributes": attributes, "indices": idx, "mode": 4}
     if "textures" in doc:  # vertex colours / no colour: glTF's default material (what viewers expect)
         prim["material"] = 0
@@ -105,60 +130,77 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.ndar
     js = json.dumps(doc, separators=(",", ":")).encode()
     js += b" " * _pad(len(js))
     total = 12 + 8 + len(js) + 8 + offset
-    out = bytearray(total)
-    struct.pack_into("<4sII", out, 0, b"glTF", 2, total)
-    struct.pack_into("<I4s", out, 12, len(js), b"JSON")
-    out[20:20 + len(js)] = js
-    pos = 20 + len(js)
-    struct.pack_into("<I4s", out, pos, offset, b"BIN\x00")
-    pos += 8
-    for mv in pieces:
-        tick()
-        out[pos:pos + mv.nbytes] = mv
-        pos += mv.nbytes + _pad(mv.nbytes)
-    return out  # a bytearray: written as is, not copied again
+    fh.write(struct.pack("<4sII", b"glTF", 2, total) + struct.pack("<I4s", len(js), b"JSON") + js
+             + struct.pack("<I4s", offset, b"BIN\x00"))
+    for nbytes, chunks in pieces:
+        written = 0
+        for mv in chunks:
+            fh.write(mv)
+            written += mv.nbytes
+        if written != nbytes:
+            raise AssertionError(f"GLB buffer view: wrote {written} bytes, declared {nbytes}")
+        fh.write(b"\x00" * _pad(nbytes))
+    return total
 
 
-def ply_bytes(vertices: np.ndarray, faces: Optional[np.ndarray] = None, normals: Optional[np.ndarray] = None,
-              colors: Optional[np.ndarray] = None, check: Optional[Callable[[], None]] = None) -> bytes:
-    """A binary little-endian PLY of a mesh (``faces``) or a point cloud (``faces`` None): ``x y z`` float32,
-    optional ``nx ny nz`` float32 and ``red green blue alpha`` uint8 per vertex; faces as ``uchar 3`` + three
-    int32 indices."""
+def glb_bytes(*args, **kwargs) -> bytes:
+    """:func:`write_glb` into memory."""
+    buf = io.BytesIO()
+    write_glb(buf, *args, **kwargs)
+    return buf.getvalue()
+
+
+def write_ply(fh, vertices: np.ndarray, faces: Optional[np.ndarray] = None, normals: Optional[np.ndarray] = None,
+              colors: Optional[np.ndarray] = None, check: Optional[Callable[[], None]] = None) -> None:
+    """Write a binary little-endian PLY of a mesh (``faces``) or a point cloud (``faces`` None) to ``fh``:
+    ``x y z`` float32, optional ``nx ny nz`` float32 and ``red green blue alpha`` uint8 per vertex; faces as
+    ``uchar 3`` + three int32 indices. Records are built and written a block at a time."""
     tick = check or (lambda: None)
-    v = np.asarray(vertices, np.float32)
+    v = np.asarray(vertices)
     n = v.shape[0]
     fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
     if normals is not None:
         fields += [("nx", "<f4"), ("ny", "<f4"), ("nz", "<f4")]
     if colors is not None:
         fields += [("red", "u1"), ("green", "u1"), ("blue", "u1"), ("alpha", "u1")]
-    rec = np.empty(n, dtype=fields)
-    for i, k in enumerate("xyz"):
-        rec[k] = v[:, i]
-    if normals is not None:
-        nn = np.asarray(normals, np.float32)
-        for i, k in enumerate(("nx", "ny", "nz")):
-            rec[k] = nn[:, i]
-    if colors is not None:
-        c = np.asarray(colors, np.uint8)
-        for i, k in enumerate(("red", "green", "blue")):
-            rec[k] = c[:, i]
-        rec["alpha"] = c[:, 3] if c.shape[1] == 4 else 255
-    tick()
     ptype = {"<f4": "float", "u1": "uchar"}
     head = ["ply", "format binary_little_endian 1.0", "comment jointdiffusion mesh_io", f"element vertex {n}"]
     head += [f"property {ptype[t]} {k}" for k, t in fields]
-    parts = [rec.tobytes()]
+    if faces is not None:
+        head += [f"element face {faces.shape[0]}", "property list uchar int vertex_indices"]
+    head.append("end_header")
+    fh.write(("\n".join(head) + "\n").encode("ascii"))
+    nn = np.asarray(normals) if normals is not None else None
+    c = np.asarray(colors) if colors is not None else None
+    for a in range(0, n, BLOCK):
+        tick()
+        b = min(n, a + BLOCK)
+        rec = np.empty(b - a, dtype=fields)
+        for i, k in enumerate("xyz"):
+            rec[k] = v[a:b, i]
+        if nn is not None:
+            for i, k in enumerate(("nx", "ny", "nz")):
+                rec[k] = nn[a:b, i]
+        if c is not None:
+            for i, k in enumerate(("red", "green", "blue")):
+                rec[k] = c[a:b, i]
+            rec["alpha"] = c[a:b, 3] if c.shape[1] == 4 else 255
+        fh.write(rec.view(np.uint8))
     if faces is not None:
         f = np.asarray(faces)
-        frec = np.empty(f.shape[0], dtype=[("n", "u1"), ("i", "<i4", (3,))])
-        frec["n"] = 3
-        frec["i"] = f
-        head += [f"element face {f.shape[0]}", "property list uchar int vertex_indices"]
-        tick()
-        parts.append(frec.tobytes())
-    head.append("end_header")
-    return ("\n".join(head) + "\n").encode("ascii") + b"".join(parts)
+        for a in range(0, f.shape[0], BLOCK):
+            tick()
+            frec = np.empty(min(f.shape[0], a + BLOCK) - a, dtype=[("n", "u1"), ("i", "<i4", (3,))])
+            frec["n"] = 3
+            frec["i"] = f[a:a + BLOCK]
+            fh.write(frec.view(np.uint8))
+
+
+def ply_bytes(*args, **kwargs) -> bytes:
+    """:func:`write_ply` into memory."""
+    buf = io.BytesIO()
+    write_ply(buf, *args, **kwargs)
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,7 +211,7 @@ def ply_bytes(vertices: np.ndarray, faces: Optional[np.ndarray] = None, normals:
 # lines are assembled as one uint8 matrix per block. Fields are right-aligned with spaces (OBJ tokens are
 # separated by any run of whitespace), so a block's lines share one width.
 
-OBJ_BLOCK = 1 << 18  # rows formatted at a time (bounds the working memory; Cancel is checked between blocks)
+OBJ_BLOCK = 1 << 17  # rows formatted at a time (bounds the working memory; Cancel is checked between blocks)
 OBJ_WORKERS: Optional[int] = None  # threads formatting blocks (None: the usable cores)
 
 
@@ -255,13 +297,14 @@ def _index_tokens(idx: np.ndarray, reps: int, sep: bytes, nmax: int) -> np.ndarr
     return out
 
 
-def _lines(prefix: bytes, *fields: np.ndarray) -> bytes:
-    """One text line per row: ``prefix`` then the fields' columns, then a newline."""
+def _lines(prefix: bytes, *fields: np.ndarray) -> np.ndarray:
+    """One text line per row: ``prefix`` then the fields' columns, then a newline (a uint8 array, written as
+    is: files take any buffer)."""
     n = fields[0].shape[0]
     cols = [np.broadcast_to(np.frombuffer(prefix, np.uint8), (n, len(prefix)))]
     cols += list(fields)
     cols.append(np.full((n, 1), 10, np.uint8))
-    return np.concatenate(cols, axis=1).tobytes()
+    return np.concatenate(cols, axis=1)
 
 
 def position_decimals(vertices: np.ndarray) -> int:
@@ -331,9 +374,9 @@ def write_obj(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.
     _run_in_order(jobs, fh.write, tick, workers or OBJ_WORKERS)
 
 
-def _run_in_order(jobs: list, sink: Callable[[bytes], object], tick: Callable[[], None],
+def _run_in_order(jobs: list, sink: Callable[[object], object], tick: Callable[[], None],
                   workers: Optional[int]) -> None:
-    """Run ``jobs`` (callables returning bytes) on a thread pool and pass their results to ``sink`` in order,
+    """Run ``jobs`` (callables returning buffers) on a thread pool and pass their results to ``sink`` in order,
     keeping at most ``2 × workers`` results in flight; ``tick`` before each job is submitted."""
     import collections
     import os
