@@ -39,6 +39,41 @@ def predict_x0(denoiser: Denoiser, x_t: torch.Tensor, t, cond: Any = None) -> tu
     return x0, eps
 
 
+class NonFiniteOutputError(FloatingPointError):
+    """A model returned NaN or infinite values (typically fp16 overflow in SD 2.x attention)."""
+
+
+def non_finite_message(what: str, dtype: torch.dtype) -> str:
+    half = dtype in (torch.float16, torch.bfloat16)
+    fix = ("SD 2.x attention is known to overflow in fp16: choose dtype bf16 (if the GPU supports it) or fp32 in "
+           "the loader" if dtype == torch.float16 else
+           "choose dtype fp32 in the loader" if half else
+           "the weights or the inputs hold NaN/Inf values: check the model files and the inputs")
+    return f"{what} returned NaN or infinite values running in {str(dtype).replace('torch.', '')}: {fix}."
+
+
+class FiniteOutputGuard:
+    """A :class:`Denoiser` that checks the first output of ``inner`` and raises :class:`NonFiniteOutputError`
+    (naming the dtype and the fix) if it holds NaN or Inf, so that a half-precision overflow stops the run at
+    its first step instead of ending as a black or NaN image reported as success. Everything else is
+    ``inner``'s (attributes are delegated)."""
+
+    def __init__(self, inner: Denoiser, what: str = "the model", dtype: Optional[torch.dtype] = None,
+                 every_call: bool = False):
+        self.inner, self.what, self.dtype, self.every_call, self.checked = inner, what, dtype, every_call, False
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["inner"], name)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        out = self.inner(x_t, t, cond)
+        if self.every_call or not self.checked:
+            self.checked = True
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise NonFiniteOutputError(non_finite_message(self.what, self.dtype or out.dtype))
+        return out
+
+
 @dataclass
 class TextConditioning:
     """Prompt embeddings for a cross-attention UNet, with optional classifier-free guidance.

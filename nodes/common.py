@@ -210,6 +210,24 @@ def torch_device() -> torch.device:
     return mm.get_torch_device()
 
 
+def auto_dtype(device: torch.device) -> str:
+    """The loaders' ``auto`` precision: fp32 on the CPU; on a GPU bf16 where it is supported (it has fp32's range,
+    so SD 2.x attention cannot overflow as it can in fp16), else fp16 where ComfyUI would use it, else fp32."""
+    if device.type == "cpu":
+        return "fp32"
+    import comfy.model_management as mm
+    try:
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        if hasattr(mm, "should_use_bf16") and mm.should_use_bf16(device=device):
+            return "bf16"
+        if mm.should_use_fp16(device=device):
+            return "fp16"
+    except Exception:  # noqa: BLE001 - older/newer signatures: full precision
+        pass
+    return "fp32"
+
+
 def offload_device() -> torch.device:
     import comfy.model_management as mm
     return mm.unet_offload_device()
@@ -256,30 +274,83 @@ def ensure_memory(need: int, what: str, advice: str, device: Optional[torch.devi
     require_memory(total, avail, what, advice)
 
 
-def weights_to_move(device: torch.device, *modules) -> int:
-    """Bytes of ``modules``' weights not yet on ``device``."""
+class PackModels(torch.nn.Module):
+    """The modules of one model the pack loaded, held as one module for ComfyUI's ``ModelPatcher`` (ComfyUI keeps
+    its bookkeeping — ``device``, loaded-weight counters — as attributes of the module it manages; a diffusers
+    model's ``device`` is a read-only property, so the modules are held by this container instead)."""
+
+    def __init__(self, name: str, **modules: torch.nn.Module):
+        super().__init__()
+        self.jd_name = name
+        for key, m in modules.items():
+            if m is not None:
+                self.add_module(key, m)
+
+    def forward(self, *a, **k):  # pragma: no cover - a holder, never called
+        raise TypeError("PackModels only holds modules for ComfyUI's model management")
+
+
+def make_patcher(name: str, **modules: torch.nn.Module):
+    """A ComfyUI ``ModelPatcher`` owning ``modules`` (left where they are, normally the offload device): loaded
+    to the compute device by :func:`running` through ``comfy.model_management.load_models_gpu``, kept there
+    between runs while memory allows, unloaded by ComfyUI (``/free``, "Unload models", another model's demand)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
     from ..jointcore.runtime.memory import module_bytes
 
-    return sum(module_bytes(m) for m in modules
-               if m is not None and next(m.parameters()).device.type != device.type)
+    held = PackModels(name, **modules)
+    return comfy.model_patcher.ModelPatcher(held, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device(), size=module_bytes(held))
+
+
+def _not_loaded_bytes(patchers) -> int:
+    import comfy.model_management as mm
+
+    loaded = {id(getattr(lm, "model", None)) for lm in getattr(mm, "current_loaded_models", [])}
+    return sum(p.model_size() for p in patchers if id(p) not in loaded
+               or next(p.model.parameters()).device.type != p.load_device.type)
+
+
+def load_models(patchers, need: int, what: str, advice: str) -> None:
+    """Make room for and load ``patchers`` with ComfyUI (``load_models_gpu`` with the job's activation estimate
+    ``need`` as its memory requirement, fully: the pack's layers have no ComfyUI weight casting), after refusing
+    clearly a job that cannot fit (before anything moves), and again if, once loaded, too little is left."""
+    import inspect
+
+    import comfy.model_management as mm
+
+    from ..jointcore.runtime.memory import require_memory
+
+    patchers = [p for p in patchers if p is not None]
+    dev = patchers[0].load_device if patchers else torch_device()
+    if dev.type != "cpu":  # nothing else can be unloaded beyond the whole device
+        total = None
+        try:
+            total = int(mm.get_total_memory(dev))
+        except Exception:  # noqa: BLE001 - older/newer signatures
+            pass
+        require_memory(int(need) + _not_loaded_bytes(patchers), total, what, advice)
+    kw = {}
+    params = inspect.signature(mm.load_models_gpu).parameters
+    if "force_full_load" in params:
+        kw["force_full_load"] = True
+    if patchers:
+        mm.load_models_gpu(patchers, memory_required=int(need), **kw)
+    require_memory(int(need), available_memory(dev), what, advice)
 
 
 @contextlib.contextmanager
-def running(device: torch.device, *modules):
-    """Run the pack's own ``modules`` on ``device`` for the block: moved there, Cancel honoured inside their
-    forward passes (:class:`jointcore.runtime.interrupt.interruptible`), moved back to the offload device after,
-    also on error or Cancel."""
+def running(patchers, need: int, what: str, advice: str):
+    """Run the pack's models for the block: loaded by ComfyUI (:func:`load_models`), Cancel honoured inside their
+    forward passes (:class:`jointcore.runtime.interrupt.interruptible`). They stay loaded afterwards — ComfyUI
+    unloads them when it needs the memory."""
     from ..jointcore.runtime.interrupt import interruptible
 
-    try:
-        for m in modules:
-            m.to(device)
-        with interruptible(interrupt_check, *modules):
-            yield
-    finally:
-        off = offload_device()
-        for m in modules:
-            m.to(off)
+    patchers = [p for p in patchers if p is not None]
+    load_models(patchers, need, what, advice)
+    with interruptible(interrupt_check, *(p.model for p in patchers)):
+        yield
 
 
 def progress(total: int, node_id=None) -> Callable[..., None]:

@@ -17,9 +17,10 @@ import torch
 
 from ..jointcore import diff2in1 as D
 from ..jointcore import mt_diffusion as MT
+from ..jointcore.denoiser import NonFiniteOutputError, non_finite_message
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import (CATEGORY, bchw_to_image, checked_inputs, ensure_memory, image_to_bchw, list_model_dirs,
-                     progress, register_model_folder, resolve_model_dir, running, torch_device, weights_to_move)
+from .common import (CATEGORY, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, make_patcher,
+                     progress, register_model_folder, resolve_model_dir, running, torch_device)
 
 HEAD_FOLDER = "diff2in1"
 register_model_folder(HEAD_FOLDER)
@@ -74,18 +75,23 @@ class _Bundle:
     def __init__(self, unet, vae, tok, te, ab, pred, head, names):
         self.unet, self.vae, self.tok, self.te, self.ab, self.pred, self.head = unet, vae, tok, te, ab, pred, head
         self.names = names
+        # ComfyUI's ModelPatcher owns the UNet, VAE, text encoder and head (loaded for a run by load_models_gpu,
+        # kept loaded between runs, unloaded by ComfyUI)
+        self.patcher = make_patcher(f"Diff-2-in-1 {names[0]} + {names[1]}", unet=unet, vae=vae, text_encoder=te,
+                                    head=head)
 
-    def modules(self):
-        return (self.unet, self.vae, self.te, self.head)
-
-    def ensure_memory(self, device, height: int, width: int, what: str) -> None:
-        """Refuse clearly (before moving anything) a job at ``height × width`` px that cannot fit."""
+    def running(self, height: int, width: int, what: str):
+        """Load the models with ComfyUI for a job at ``height × width`` px (refused clearly if it cannot fit)."""
         from ..jointcore.runtime.memory import sd_activation_bytes
 
-        ensure_memory(sd_activation_bytes(self.unet, self.vae, 1, height, width),
-                      f"Diff-2-in-1 {what} at {width}×{height} px",
-                      "Lower the resolution input (512 is what the heads are trained at).", device,
-                      weights_to_move(device, *self.modules()))
+        return running([self.patcher], sd_activation_bytes(self.unet, self.vae, 1, height, width),
+                       f"Diff-2-in-1 {what} at {width}×{height} px",
+                       "Lower the resolution input (512 is what the heads are trained at).")
+
+    def check_finite(self, out: torch.Tensor) -> None:
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteOutputError(non_finite_message(f"Diff-2-in-1 ({self.names[1]})",
+                                                          next(self.unet.parameters()).dtype))
 
 
 class JDDiff2in1Loader:
@@ -137,10 +143,9 @@ class JDDiff2in1Predict:
         dev = torch_device()
         x = image_to_bchw(image)
         H, W = x.shape[-2:]
-        b.ensure_memory(dev, *_processing_size(H, W, resolution), "prediction")
         ex = D.UNetFeatureExtractor(b.unet, b.ab)
         try:
-            with running(dev, *b.modules()), torch.no_grad():
+            with b.running(*_processing_size(H, W, resolution), "prediction"), torch.no_grad():
                 empty = D.encode_prompts(b.tok, b.te, [""])
                 outs = []
                 for i in range(x.shape[0]):
@@ -150,7 +155,9 @@ class JDDiff2in1Predict:
                     outs.append(D.predict(ex, b.head, z, empty, (H, W)).cpu())
         finally:
             ex.remove()
-        return (bchw_to_image(visualize(torch.cat(outs), b.head.config.task)),)
+        pred = torch.cat(outs)
+        b.check_finite(pred)
+        return (bchw_to_image(visualize(pred, b.head.config.task)),)
 
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -207,14 +214,13 @@ class JDDiff2in1CreatePairs:
         caps = (lines * x.shape[0] if len(lines) == 1 else lines) or [""] * x.shape[0]
         folder = unique_pairs_folder(folder_paths.get_output_directory(), folder_prefix)
         dev = torch_device()
-        b.ensure_memory(dev, *x.shape[-2:], "pair creation")
         ex = D.UNetFeatureExtractor(b.unet, b.ab)
         g = torch.Generator().manual_seed(int(seed))
         jobs = [(i, k) for i in range(x.shape[0]) for k in range(per_image)]
         cb = progress(len(jobs) * steps)
         created, labels = [], []
         try:
-            with running(dev, *b.modules()), torch.no_grad():
+            with b.running(*x.shape[-2:], "pair creation"), torch.no_grad():
                 empty = D.encode_prompts(b.tok, b.te, [""])
                 for i, _k in jobs:
                     emb = D.encode_prompts(b.tok, b.te, [caps[i]])
@@ -224,6 +230,7 @@ class JDDiff2in1CreatePairs:
         finally:
             ex.remove()
         created, labels = torch.cat(created), torch.cat(labels)
+        b.check_finite(created)
         D.save_pairs(folder, created, labels, b.head.config.task, names=[f"img{i:04d}_c{k:02d}" for i, k in jobs],
                      captions=[caps[i] for i, _ in jobs], sources=[f"input_{i}" for i, _ in jobs],
                      num_classes=b.head.config.num_classes,

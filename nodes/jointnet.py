@@ -18,11 +18,11 @@ import torch
 
 from ..jointcore import joint_sampling as JS
 from ..jointcore import schedules as S
-from ..jointcore.denoiser import TextConditioning
+from ..jointcore.denoiser import FiniteOutputGuard, TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
-from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, list_model_dirs,
-                     mask_to_b1hw, offload_device, progress, register_model_folder, resolve_model_dir,
-                     running, torch_device, weights_to_move)
+from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, auto_dtype, checked_inputs, list_model_dirs,
+                     make_patcher, mask_to_b1hw, progress, register_model_folder, resolve_model_dir, running,
+                     torch_device)
 
 FOLDER = "jointnet"
 register_model_folder(FOLDER)
@@ -47,11 +47,14 @@ def _choices():
 class JointNetBundle:
     """What ``JD_JOINTNET`` carries: the model and its noise schedule."""
 
-    def __init__(self, model: JointNet, alphas_cumprod: torch.Tensor, prediction_type: str, name: str):
+    def __init__(self, model: JointNet, alphas_cumprod: torch.Tensor, prediction_type: str, name: str, patcher=None):
         self.model, self.alphas_cumprod, self.prediction_type, self.name = model, alphas_cumprod, prediction_type, name
+        self.patcher = patcher  # ComfyUI's ModelPatcher owning both branches (nodes.common.make_patcher)
 
-    def denoiser(self) -> JointNetDenoiser:
-        return JointNetDenoiser(self.model, self.alphas_cumprod, self.prediction_type)
+    def denoiser(self) -> FiniteOutputGuard:
+        """The model as a Denoiser whose first output is checked for NaN/Inf (fp16 overflow → a clear error)."""
+        return FiniteOutputGuard(JointNetDenoiser(self.model, self.alphas_cumprod, self.prediction_type),
+                                 f"JointNet '{self.name}'", next(self.model.parameters()).dtype)
 
 
 def _joint_samples(joint_latent: dict) -> torch.Tensor:
@@ -75,7 +78,8 @@ class JDJointNetLoader:
             "jointnet": (_choices(), {"tooltip": "folder in models/jointnet with unet/ (RGB branch) and jointnet/ "
                                                  "(dense branch), .safetensors or .bin"}),
             "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
-                                                         "tooltip": "auto: fp16 on GPU, fp32 on CPU"}),
+                                                         "tooltip": "auto: bf16 on GPUs that support it, else "
+                                                                    "fp16 on GPU; fp32 on CPU"}),
             "prediction_type": (["epsilon", "v_prediction"], {"default": "epsilon",
                                                               "tooltip": "released models: epsilon (SD 2.1 base)"}),
         }}
@@ -91,14 +95,11 @@ class JDJointNetLoader:
             raise ValueError("put a JointNet folder (unet/ + jointnet/, e.g. the unzipped rgbd_finetune_sd21b) in "
                              "models/jointnet/")
         path = resolve_model_dir(FOLDER, jointnet)
-        dev = torch_device()
-        if dtype == "auto":
-            dt = torch.float16 if dev.type == "cuda" else torch.float32
-        else:
-            dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        model = JointNet.from_pretrained(path, torch_dtype=dt)
-        model.to(offload_device())
-        return (JointNetBundle(model, S.alphas_cumprod(), prediction_type, jointnet),)
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            auto_dtype(torch_device()) if dtype == "auto" else dtype]
+        model = JointNet.from_pretrained(path, torch_dtype=dt)  # on the CPU (ComfyUI's offload device)
+        return (JointNetBundle(model, S.alphas_cumprod(), prediction_type, jointnet,
+                               make_patcher(f"JointNet {jointnet}", jointnet=model)),)
 
 
 class JDJointEmptyLatent:
@@ -290,11 +291,9 @@ class JDJointKSampler:
             (isinstance(m, float) and m < 0.5) or (torch.is_tensor(m) and bool((m < 0.5).any())) for m in (m_img, m_dep))
         noise = JS.make_noise((B, 8, h, w), seed=seed)
         dev = torch_device()
-        ensure_memory(b.model.activation_bytes(2 * B, h, w, c.shape[1]),
-                      f"JointNet sampling of {B} image(s) at {8 * w}×{8 * h} px (CFG doubles the batch)",
-                      "Lower width/height or batch_size, or use JD Joint Panorama Sampler (tiled) for large images.",
-                      dev, weights_to_move(dev, b.model))
-        with running(dev, b.model):
+        with running([b.patcher], b.model.activation_bytes(2 * B, h, w, c.shape[1]),
+                     f"JointNet sampling of {B} image(s) at {8 * w}×{8 * h} px (CFG doubles the batch)",
+                     "Lower width/height or batch_size, or use JD Joint Panorama Sampler (tiled) for large images."):
             n_steps = len(JS.get_timesteps(range(steps), strength))
             cb = progress(n_steps)
             out = JS.joint_sample(
@@ -358,12 +357,10 @@ class JDJointPanoramaSampler:
         dev = torch_device()
         wh, ww = min(config.window, h), min(config.window, w)
         calls = [(2 * B * int(view_batch), wh, ww)] + ([(2 * B, h, w)] if method == "jointnet" else [])
-        ensure_memory(max(b.model.activation_bytes(n, hh, wwid, c.shape[1]) for n, hh, wwid in calls),
-                      f"JointNet panorama sampling at {8 * w}×{8 * h} px (view batch {view_batch}"
-                      + (", plus the whole-image view of the jointnet method)" if method == "jointnet" else ")"),
-                      "Lower view_batch, use method multidiffusion (no whole-image view) or a smaller panorama.",
-                      dev, weights_to_move(dev, b.model))
-        with running(dev, b.model):
+        with running([b.patcher], max(b.model.activation_bytes(n, hh, wwid, c.shape[1]) for n, hh, wwid in calls),
+                     f"JointNet panorama sampling at {8 * w}×{8 * h} px (view batch {view_batch}"
+                     + (", plus the whole-image view of the jointnet method)" if method == "jointnet" else ")"),
+                     "Lower view_batch, use method multidiffusion (no whole-image view) or a smaller panorama."):
             cb = progress(len(ts))
             out = tiled_sample(den, x.to(dev), ts, text, config, final_alpha_cumprod=float(den.alphas_cumprod[0]),
                                generator=torch.Generator().manual_seed((seed + 2) % 2**64),

@@ -8,13 +8,16 @@ patches work as with any ComfyUI sampler. Feed it an EmptyLatentImage of the pan
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..jointcore.metrics_pano import load_lpips
+from ..jointcore.metrics_pano import find_lpips_backbone, load_lpips
 from ..jointcore.runtime.interrupt import interruptible
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, interrupt_check
+from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, interrupt_check, load_models,
+                     make_patcher)
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]
 LPIPS_FOLDER = "lpips"
@@ -102,8 +105,6 @@ def comfy_tiled(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 def _comfy_tiled(model, x, sigmas, extra_args, callback, config, eta, vae, lpips_net):
-    import comfy.model_management as mm
-
     run = ComfyRun(model, x, sigmas, extra_args, callback)
     gen = torch.Generator().manual_seed(run.seed + 2)
 
@@ -116,12 +117,12 @@ def _comfy_tiled(model, x, sigmas, extra_args, callback, config, eta, vae, lpips
         from .common import register_model_folder
 
         register_model_folder(LPIPS_FOLDER)
-        perceptual = load_lpips(lpips_net, search=folder_paths.get_folder_paths(LPIPS_FOLDER))
+        perceptual, lpips_patcher = _lpips(lpips_net, folder_paths.get_folder_paths(LPIPS_FOLDER))
         latent_out = _find_attr(model, "process_latent_out")
         _unlock_autograd(_find_attr(model, "diffusion_model"))
         _unlock_autograd(vae.first_stage_model)
-        mm.load_models_gpu([vae.patcher])
-        perceptual = perceptual.to(x.device)
+        load_models([vae.patcher, lpips_patcher], 0, "SyncDiffusion's decoder and LPIPS network",
+                    "Free memory (unload other models) or use method multidiffusion.")
 
         def decode(z):
             zz = latent_out(z).to(device=vae.device, dtype=vae.vae_dtype)
@@ -135,6 +136,20 @@ def _comfy_tiled(model, x, sigmas, extra_args, callback, config, eta, vae, lpips
                            generator=gen, decode=decode, perceptual=perceptual, callback=run.callback,
                            check=interrupt_check)
     return run.finish(out, x)
+
+
+_LPIPS: dict = {}  # (net, file, size, mtime) → (LPIPS network, its ModelPatcher): loaded from disk once
+
+
+def _lpips(net: str, search):
+    """The LPIPS network for ``net`` (read once per file and kept) and the ComfyUI ModelPatcher that owns it."""
+    path = find_lpips_backbone(net, search)
+    key = (net, path) + ((os.path.getsize(path), os.path.getmtime(path)) if path else ())
+    if key not in _LPIPS:
+        perceptual = load_lpips(net, path, search=search)  # a missing file: an error naming it and where
+        _LPIPS.clear()  # keep one: switching between vgg and alex reloads
+        _LPIPS[key] = (perceptual, make_patcher(f"LPIPS {net}", lpips=perceptual))
+    return _LPIPS[key]
 
 
 def _check_whole_view_memory(model, x: torch.Tensor, config: TiledConfig) -> None:

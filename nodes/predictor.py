@@ -4,7 +4,8 @@ Models: diffusers folders under ``models/jointdiffusion_predictors/<name>/`` (un
 tokenizer/, scheduler/), e.g. ``GonzaloMG/marigold-e2e-ft-depth`` or ``prs-eth/marigold-normals-v1-1``.
 
 Custom types:
-* ``JD_PREDICTOR`` — a :class:`jointcore.predictor.DepthNormalPredictor` (kept on the offload device).
+* ``JD_PREDICTOR`` — a :class:`jointcore.predictor.DepthNormalPredictor`, its modules owned by a ComfyUI
+  ``ModelPatcher`` (``comfy_patcher``): loaded by ComfyUI for a run, unloaded by ComfyUI.
 * ``JD_RAW`` — ``{"task": "depth"|"normals"|"uncertainty", "data": [B,C,H,W] float32 CPU}``: depth in
   ``[0,1]`` (affine-invariant, near = small), normals, or an ensemble's uncertainty ``[B,1,H,W]``.
 """
@@ -20,9 +21,9 @@ import folder_paths
 
 from ..jointcore import predictor as JP
 from ..jointcore import predictor_vis as V
-from ..jointcore.runtime.interrupt import interruptible
-from .common import (CATEGORY, bchw_to_image, checked_inputs, ensure_memory, image_to_bchw, interrupt_check,
-                     list_model_dirs, progress, register_model_folder, resolve_model_dir, weights_to_move)
+from ..jointcore.denoiser import NonFiniteOutputError, non_finite_message
+from .common import (CATEGORY, auto_dtype, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, make_patcher,
+                     progress, register_model_folder, resolve_model_dir, running)
 
 MODEL_FOLDER = "jointdiffusion_predictors"
 SUB = CATEGORY + "/depth"
@@ -30,19 +31,6 @@ SUB = CATEGORY + "/depth"
 
 def _has_unet(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "unet"))
-
-
-def _auto_dtype(device: torch.device) -> str:
-    if device.type == "cpu":
-        return "fp32"
-    try:
-        if mm.should_use_fp16(device=device):
-            return "fp16"
-        if hasattr(mm, "should_use_bf16") and mm.should_use_bf16(device=device):
-            return "bf16"
-    except Exception:  # older/newer signatures: fall back to full precision
-        pass
-    return "fp32"
 
 
 class JDPredictorLoader:
@@ -54,7 +42,8 @@ class JDPredictorLoader:
         names = list_model_dirs(MODEL_FOLDER, marker=_has_unet)
         return {"required": {
             "model": (names or ["(put diffusers folders in models/jointdiffusion_predictors)"],),
-            "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto"}),
+            "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip": "auto: bf16 on GPUs that "
+                                                         "support it, else fp16 on GPU; fp32 on CPU"}),
             "vae_fp32": ("BOOLEAN", {"default": True, "tooltip": "keep the VAE in fp32 when the model runs in "
                                                                  "fp16 (avoids black/NaN images)"}),
         }}
@@ -69,9 +58,13 @@ class JDPredictorLoader:
         register_model_folder(MODEL_FOLDER)
         path = resolve_model_dir(MODEL_FOLDER, model)
         dev = mm.get_torch_device()
-        dt = _auto_dtype(dev) if dtype == "auto" else dtype
+        dt = auto_dtype(dev) if dtype == "auto" else dtype
         vae_dt = "fp32" if (vae_fp32 and dt == "fp16") else dt
         pred = JP.load_predictor(path, dtype=dt, device=mm.unet_offload_device(), vae_dtype=vae_dt)
+        # ComfyUI's ModelPatcher owns the UNet, VAE and text encoder (loaded by JD Predict through
+        # load_models_gpu, kept loaded between runs, unloaded by ComfyUI)
+        pred.comfy_patcher = make_patcher(f"depth/normals predictor {model}", unet=pred.unet, vae=pred.vae,
+                                          text_encoder=pred.text_encoder)
         return (pred,)
 
 
@@ -126,29 +119,27 @@ class JDDepthNormalPredict:
                 normalisation, ensemble_reduction="median", preprocessing="official", init="zeros",
                 normals_reduction="closest"):
         dev = mm.get_torch_device()
-        off = mm.unet_offload_device()
         images = image_to_bchw(image)
         settings = predictor.resolve_settings(steps, processing_resolution, spacing)
         cb = progress(settings["steps"] * int(ensemble_size))
         mm.throw_exception_if_processing_interrupted()
         ph, pw = JP.processing_size(*images.shape[-2:], settings["processing_resolution"])
-        models = (predictor.unet, predictor.vae, predictor.text_encoder)
-        ensure_memory(predictor.activation_bytes(images.shape[0], ph, pw),
-                      f"depth/normals prediction of {images.shape[0]} image(s) at {pw}×{ph} px",
-                      "Lower processing_resolution (768 is the checkpoints' default) or predict fewer images at once.",
-                      dev, weights_to_move(dev, *models))
-        predictor.to(dev)
-        try:
-            with interruptible(interrupt_check, *models):
-                out = predictor.predict(
-                    images.to(dev), task, processing_resolution=settings["processing_resolution"],
-                    steps=settings["steps"], ensemble_size=ensemble_size, seed=seed, spacing=settings["spacing"],
-                    normalisation=normalisation, reduction=ensemble_reduction if task == "depth" else normals_reduction,
-                    preprocessing=preprocessing, init=init, callback=lambda done, total: cb())
-        finally:
-            if off != dev:
-                predictor.to(off)
-                mm.soft_empty_cache()
+        patcher = getattr(predictor, "comfy_patcher", None)
+        if patcher is None:  # a predictor made elsewhere (not by JD Predictor Loader): hand it to ComfyUI now
+            patcher = predictor.comfy_patcher = make_patcher("depth/normals predictor", unet=predictor.unet,
+                                                             vae=predictor.vae, text_encoder=predictor.text_encoder)
+        with running([patcher], predictor.activation_bytes(images.shape[0], ph, pw),
+                     f"depth/normals prediction of {images.shape[0]} image(s) at {pw}×{ph} px",
+                     "Lower processing_resolution (768 is the checkpoints' default) or predict fewer images at "
+                     "once."):
+            out = predictor.predict(
+                images.to(dev), task, processing_resolution=settings["processing_resolution"],
+                steps=settings["steps"], ensemble_size=ensemble_size, seed=seed, spacing=settings["spacing"],
+                normalisation=normalisation, reduction=ensemble_reduction if task == "depth" else normals_reduction,
+                preprocessing=preprocessing, init=init, callback=lambda done, total: cb())
+        if not bool(torch.isfinite(out.prediction).all()):
+            raise NonFiniteOutputError(non_finite_message("the depth/normals predictor",
+                                                          next(predictor.unet.parameters()).dtype))
         data = out.prediction.float().cpu()
         vis = data if task == "depth" else V.normals_to_rgb(data)
         unc = (out.uncertainty.float().cpu() if out.uncertainty is not None

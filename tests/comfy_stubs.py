@@ -48,7 +48,34 @@ class ComfyStubs:
         mm.unet_offload_device = lambda: torch.device("cpu")
         mm.soft_empty_cache = lambda *a, **k: None
         mm.should_use_fp16 = lambda *a, **k: False
-        mm.load_models_gpu = lambda *a, **k: None
+        mm.current_loaded_models = []  # stand-ins of ComfyUI's LoadedModel: .model is the patcher
+        self.load_calls: list[dict] = []   # every load_models_gpu call: patchers and memory_required
+
+        def load_models_gpu(models, memory_required=0, force_full_load=False, **_k):
+            self.load_calls.append({"models": list(models), "memory_required": memory_required,
+                                    "force_full_load": force_full_load})
+            for p in models:
+                if not any(lm.model is p for lm in mm.current_loaded_models):
+                    p.model.to(p.load_device)
+                    mm.current_loaded_models.insert(0, types.SimpleNamespace(model=p))
+
+        def unload_all_models():
+            for lm in mm.current_loaded_models:
+                lm.model.model.to(lm.model.offload_device)
+            mm.current_loaded_models.clear()
+        mm.load_models_gpu = load_models_gpu
+        mm.unload_all_models = unload_all_models
+        mm.get_total_memory = lambda *a, **k: 64 * 2**30
+
+        mp = types.ModuleType("comfy.model_patcher")
+
+        class ModelPatcher:  # what the pack uses of ComfyUI's: the held model, devices, size
+            def __init__(self, model, load_device, offload_device, size=0, **_k):
+                self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+
+            def model_size(self):
+                return self.size
+        mp.ModelPatcher = ModelPatcher
 
         def interrupted():
             self.checks += 1
@@ -72,10 +99,10 @@ class ComfyStubs:
         cs.KSAMPLER = lambda fn, extra_options={}, inpaint_options={}: types.SimpleNamespace(fn=fn, options=extra_options)
 
         comfy = types.ModuleType("comfy")
-        comfy.model_management, comfy.utils, comfy.samplers = mm, cu, cs
+        comfy.model_management, comfy.utils, comfy.samplers, comfy.model_patcher = mm, cu, cs, mp
         self.folder_paths = fp
         self.modules = {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": cu,
-                        "comfy.samplers": cs}
+                        "comfy.samplers": cs, "comfy.model_patcher": mp}
 
 
 def load_node_module(monkeypatch, tmp_path: Path, module: str, stubs: ComfyStubs | None = None,

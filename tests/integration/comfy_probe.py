@@ -7,6 +7,9 @@ CHECK:
   sigmas    ComfyUI's ModelSamplingDiscrete vs jointcore's timestep<->sigma conversions
   globals   ComfyUI globals before/after importing the pack (must be unchanged)
   optional  import the pack with some optional dependencies blocked
+  models    every model the pack loads is owned by ComfyUI's memory manager: after a run it is in
+            current_loaded_models with its size, a second run does not load it again, unload_all_models()
+            releases it, and the next run loads it again
   family    a checkpoint assembled by jointcore.family.assemble (random family UNet + TAESD + the generated
             CLIP-L) loaded by ComfyUI's own checkpoint loader: detection, UNet, CLIP and VAE vs diffusers
 """
@@ -215,4 +218,87 @@ def family_check():
     print(json.dumps(out))
 
 
-{"sigmas": sigmas_check, "globals": globals_check, "optional": optional_check, "family": family_check}[check]()
+def models_check():
+    import torch
+
+    import comfy.model_management as mm
+    import folder_paths
+
+    sys.path[:0] = [os.path.join(REPO, "scripts"), os.path.join(REPO, "tests")]
+    import comfy_harness as H
+    import tiny_models as T
+
+    for folder, paths in T.build(H.cache_dir()).items():
+        folder_paths.add_model_folder_path(folder, str(paths[0].parent))
+    pack = load_pack()
+    N = pack.NODE_CLASS_MAPPINGS
+    common = sys.modules["jointdiffusion.nodes.common"]
+    import importlib
+
+    memory = importlib.import_module("jointdiffusion.jointcore.runtime.memory")
+    loads = []  # pack models ComfyUI was asked to load while not in its loaded list (a real load)
+    real_load_models_gpu = mm.load_models_gpu
+
+    def loaded(patcher):
+        for lm in mm.current_loaded_models:
+            if lm.model is patcher:
+                return lm
+        return None
+
+    def counting_load_models_gpu(models, *a, **k):
+        loads.extend(p.model.jd_name for p in models if hasattr(p.model, "jd_name") and loaded(p) is None)
+        return real_load_models_gpu(models, *a, **k)
+    mm.load_models_gpu = counting_load_models_gpu
+
+    def cond(width, seed=0):
+        return [[torch.randn(1, 4, width, generator=torch.Generator().manual_seed(seed)), {}]]
+
+    img = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(0))
+    jl = N["JDJointNetLoader"]().load("rgbd_finetune_sd21b", "auto", "epsilon")[0]
+    pl = N["JDPredictorLoader"]().load("marigold-e2e-ft-depth", "auto", True)[0]
+    dl = N["JDDiff2in1Loader"]().load("stable-diffusion-v1-5", "diff2in1-depth-head")[0]
+    pan = sys.modules["jointdiffusion.nodes.panorama"]
+    empty = N["JDJointEmptyLatent"]().make(64, 64, 1)[0]
+    runs = {
+        "jointnet": (jl.patcher, jl.model, lambda: N["JDJointKSampler"]().sample(
+            jl, cond(768), cond(768, 1), empty, "joint_generation", 0, 2, 4.0, "ddim", 0.0, 1.0)),
+        "predictor": (pl.comfy_patcher, (pl.unet, pl.vae, pl.text_encoder), lambda: N["JDDepthNormalPredict"]().predict(
+            pl, img, "depth", 32, 1, 1, 0, "trailing", "per_image")),
+        "diff2in1": (dl.patcher, (dl.unet, dl.vae, dl.te, dl.head),
+                     lambda: N["JDDiff2in1Predict"]().predict(dl, img, 32)),
+        "lpips": (None, None, lambda: common.load_models(
+            [pan._lpips("vgg", folder_paths.get_folder_paths("lpips"))[1]], 0, "LPIPS", "")),
+    }
+    out = {"comfyui_loaded_before": len(mm.current_loaded_models)}
+    for name, (patcher, modules, run) in runs.items():
+        n0 = len(loads)
+        with torch.inference_mode():  # as ComfyUI's executor runs nodes
+            run()
+        if patcher is None:  # the LPIPS network: the patcher the panorama node keeps
+            perceptual, patcher = pan._lpips("vgg", folder_paths.get_folder_paths("lpips"))
+            modules = (perceptual,)
+        modules = modules if isinstance(modules, tuple) else (modules,)
+        lm = loaded(patcher)
+        r = {"loaded_after_run": lm is not None, "loads_first_run": len(loads) - n0,
+             "size": int(lm.model_memory()) if lm is not None else None,
+             "module_bytes": int(sum(memory.module_bytes(m) for m in modules)),
+             "patcher_class": type(patcher).__name__, "held_class": type(patcher.model).__name__}
+        n1 = len(loads)
+        ptrs = [p.data_ptr() for p in patcher.model.parameters()]
+        with torch.inference_mode():
+            run()
+        r["loads_second_run"] = len(loads) - n1
+        r["weights_not_copied"] = ptrs == [p.data_ptr() for p in patcher.model.parameters()]
+        r["same_patcher_reused"] = loaded(patcher) is lm
+        mm.unload_all_models()
+        r["loaded_after_unload_all"] = loaded(patcher) is not None
+        n2 = len(loads)
+        with torch.inference_mode():
+            run()
+        r["loads_after_unload_run"] = len(loads) - n2
+        r["loaded_again"] = loaded(patcher) is not None
+        out[name] = r
+    print(json.dumps(out))
+
+
+{"models": models_check, "sigmas": sigmas_check, "globals": globals_check, "optional": optional_check, "family": family_check}[check]()

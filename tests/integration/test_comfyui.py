@@ -181,6 +181,21 @@ def test_family_checkpoint_loads_in_comfyui_as_sd15_and_matches_diffusers(comfy_
     assert r["vae_latent_max_abs_diff"] < 1e-5 and r["vae_decode_max_abs_diff"] < 1e-5, r
 
 
+def test_comfyui_owns_every_model_the_pack_loads(comfy_dir):
+    """JointNet, the predictor, Diff-2-in-1 and the LPIPS network are ComfyUI ModelPatchers: after a run the model
+    is in ComfyUI's loaded-model list with its real size, a second run does not load it again, ComfyUI's
+    unload_all_models() (what /free and "Unload models" call) releases it, and the next run loads it again."""
+    r = run_probe(comfy_dir, "models")
+    for name in ("jointnet", "predictor", "diff2in1", "lpips"):
+        m = r[name]
+        assert m["patcher_class"] == "ModelPatcher" and m["held_class"] == "PackModels", (name, m)
+        assert m["loaded_after_run"] and m["size"] == m["module_bytes"] > 0, (name, m)
+        assert m["loads_first_run"] == 1 and m["loads_second_run"] == 0 and m["same_patcher_reused"], (name, m)
+        assert m["weights_not_copied"], (name, m)
+        assert not m["loaded_after_unload_all"], (name, m)
+        assert m["loads_after_unload_run"] == 1 and m["loaded_again"], (name, m)
+
+
 def test_importing_the_pack_changes_no_comfy_global(comfy_dir):
     r = run_probe(comfy_dir, "globals")
     assert r["n_nodes"] >= 2
