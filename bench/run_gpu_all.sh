@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the pack's benchmarks at real sizes on a CUDA machine (random weights of the real model sizes).
 #   bash bench/run_gpu_all.sh [part]   part: 1 = predictor, jointnet, diff2in1, mesh, half-precision tests;
-#                                            2 = tiled sampling + tiled decode; all (default) = both
+#                                            2 = tiled sampling + tiled decode;
+#                                            3 = the nodes in ComfyUI (needs COMFYUI_DIR): per node first and
+#                                                second (cached) run time and peak VRAM; all (default) = every part
 # Logs go to ${OUT:-/tmp}/log_<part>.txt. Wheels for missing packages are installed from .whl/ when present.
 set -u
 part=${1:-all}
@@ -28,6 +30,12 @@ if [ "$part" = 1 ] || [ "$part" = all ]; then
   run 150 python3 bench/bench_diff2in1.py --sd --res 512 --device cuda
   run 60 python3 bench/bench_mesh.py --sizes 512x512 2048x512
   run 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_predictor.py tests/unit/test_jointnet.py -k "half"
+fi
+if [ -n "${COMFYUI_DIR:-}" ] && { [ "$part" = 3 ] || [ "$part" = all ]; }; then
+  # the pack's loaders inside ComfyUI on the GPU: per node the first and the second (cached) run's time and peak
+  # VRAM, and that ComfyUI's memory manager owns each model (load, reuse, unload, reload)
+  REPO=$PWD
+  run 300 bash -c "cd '$COMFYUI_DIR' && JD_PROBE_DEVICE=gpu python3 '$REPO/tests/integration/comfy_probe.py' models"
 fi
 if [ "$part" = 2 ] || [ "$part" = all ]; then
   run 420 python3 bench/bench_tiled.py --sd --device cuda --dtype fp16 --steps 50 --window 64 --pano-h 64 \

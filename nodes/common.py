@@ -186,21 +186,54 @@ def list_model_dirs(name: str, marker: Optional[Callable[[str], bool]] = None) -
             except OSError:
                 continue
             stack.extend((d, depth + 1) for d in reversed(subs))
-    result = sorted(set(out))
+    # a folder downloaded with its hub owner (``GonzaloMG/marigold-e2e-ft-depth``, as the README says) is also
+    # offered by its own name (``marigold-e2e-ft-depth``, as the shipped workflows name it) when that is unique
+    names = set(out)
+    tails: dict[str, list[str]] = {}
+    for rel in out:
+        if rel.count("/") == 1:
+            tails.setdefault(rel.split("/")[1], []).append(rel)
+    names.update(t for t, full in tails.items() if len(full) == 1 and t not in names)
+    result = sorted(names)
     _LIST_CACHE[key] = (stamp, time.monotonic(), result)
     return list(result)
+
+
+def _holds_files(path: str) -> bool:
+    """A folder with files in it (a model folder, not an owner's folder of models)."""
+    try:
+        return any(e.is_file() for e in os.scandir(path))
+    except OSError:
+        return False
 
 
 def resolve_model_dir(name: str, rel: str) -> str:
     """Absolute path of ``models/<name>/<rel>`` (first registered base that has it) or a clear error."""
     import folder_paths
 
-    for base in folder_paths.get_folder_paths(name):
+    bases = folder_paths.get_folder_paths(name)
+    for base in bases:
         p = os.path.join(base, rel)
         if os.path.isdir(p):
             return p
-    raise FileNotFoundError(f"model folder {rel!r} not found under models/{name}/ "
-                            f"(searched {folder_paths.get_folder_paths(name)})")
+    nested = []  # ``marigold-e2e-ft-depth`` stored as ``<owner>/marigold-e2e-ft-depth`` (list_model_dirs' alias)
+    if "/" not in rel and os.sep not in rel:
+        for base in bases:
+            try:
+                owners = sorted(e.path for e in os.scandir(base) if e.is_dir())
+            except OSError:
+                continue
+            nested += [(base, os.path.join(o, rel)) for o in owners if os.path.isdir(os.path.join(o, rel))]
+    if len(nested) == 1:
+        return nested[0][1]
+    if len(nested) > 1:
+        raise FileNotFoundError(f"model folder {rel!r} is ambiguous under models/{name}/: "
+                                f"{[os.path.relpath(p, b).replace(os.sep, '/') for b, p in nested]}; "
+                                f"choose one by its full name")
+    found = list_model_dirs(name, _holds_files)
+    raise FileNotFoundError(f"model folder {rel!r} not found under models/{name}/ (looked for {rel!r} and "
+                            f"<owner>/{rel!r} in {bases}); "
+                            + (f"found there: {found[:12]}" if found else "nothing is there yet"))
 
 
 # ---- device / progress -------------------------------------------------------------------------------

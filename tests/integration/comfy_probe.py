@@ -10,6 +10,10 @@ CHECK:
   models    every model the pack loads is owned by ComfyUI's memory manager: after a run it is in
             current_loaded_models with its size, a second run does not load it again, unload_all_models()
             releases it, and the next run loads it again
+  realsize  random-weight models at the published sizes (SD 2.1-base JointNet inpaint pair in the official
+            layout, .bin + .safetensors; an E2E-FT/Marigold SD 2 predictor; an SD 1.5 UNet in a single-file
+            checkpoint), each saved, loaded through the pack's nodes and ComfyUI's own loader, and run for one
+            step at a small latent on the CPU, with the peak RSS of each part (slow: a few minutes)
   family    a checkpoint assembled by jointcore.family.assemble (random family UNet + TAESD + the generated
             CLIP-L) loaded by ComfyUI's own checkpoint loader: detection, UNet, CLIP and VAE vs diffusers
 """
@@ -24,7 +28,7 @@ sys.argv = sys.argv[:1]
 sys.path.insert(0, os.getcwd())
 import comfy.cli_args  # noqa: E402
 
-comfy.cli_args.args.cpu = True
+comfy.cli_args.args.cpu = os.environ.get("JD_PROBE_DEVICE", "cpu") == "cpu"  # "gpu": ComfyUI picks the device
 
 
 def load_pack():
@@ -269,11 +273,24 @@ def models_check():
         "lpips": (None, None, lambda: common.load_models(
             [pan._lpips("vgg", folder_paths.get_folder_paths("lpips"))[1]], 0, "LPIPS", "")),
     }
-    out = {"comfyui_loaded_before": len(mm.current_loaded_models)}
+    out = {"comfyui_loaded_before": len(mm.current_loaded_models), "device": str(mm.get_torch_device())}
+    cuda = mm.get_torch_device().type == "cuda"
+
+    def timed(fn):
+        import time
+
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        with torch.inference_mode():  # as ComfyUI's executor runs nodes
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return round(time.perf_counter() - t, 3), (round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None)
     for name, (patcher, modules, run) in runs.items():
         n0 = len(loads)
-        with torch.inference_mode():  # as ComfyUI's executor runs nodes
-            run()
+        first_s, first_peak = timed(run)
         if patcher is None:  # the LPIPS network: the patcher the panorama node keeps
             perceptual, patcher = pan._lpips("vgg", folder_paths.get_folder_paths("lpips"))
             modules = (perceptual,)
@@ -285,8 +302,9 @@ def models_check():
              "patcher_class": type(patcher).__name__, "held_class": type(patcher.model).__name__}
         n1 = len(loads)
         ptrs = [p.data_ptr() for p in patcher.model.parameters()]
-        with torch.inference_mode():
-            run()
+        second_s, second_peak = timed(run)
+        r.update(first_run_s=first_s, second_run_s=second_s, peak_vram_mib_first=first_peak,
+                 peak_vram_mib_second=second_peak)
         r["loads_second_run"] = len(loads) - n1
         r["weights_not_copied"] = ptrs == [p.data_ptr() for p in patcher.model.parameters()]
         r["same_patcher_reused"] = loaded(patcher) is lm
@@ -301,4 +319,164 @@ def models_check():
     print(json.dumps(out))
 
 
-{"models": models_check, "sigmas": sigmas_check, "globals": globals_check, "optional": optional_check, "family": family_check}[check]()
+def _peak_rss_reset() -> int:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_kib("VmRSS")
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+def realsize_check():
+    import gc
+    import shutil
+    import tempfile
+    import time
+
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    import comfy.model_management as mm
+    import folder_paths
+
+    sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
+    from predictor_ckpt import save_checkpoint, tiny_clip_tokenizer
+
+    parts = os.environ.get("JD_REAL_PARTS", "jointnet,predictor,sd15").split(",")
+    root = tempfile.mkdtemp(prefix="jd-real-")
+    pack = load_pack()
+    N = pack.NODE_CLASS_MAPPINGS
+    memory = __import__("importlib").import_module("jointdiffusion.jointcore.runtime.memory")
+    out = {}
+
+    def sd2_unet(**kw):  # stabilityai/stable-diffusion-2-1-base unet/config.json fields
+        torch.manual_seed(0)
+        return UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                    use_linear_projection=True, **kw)
+
+    def cond(width, seed=0):
+        return [[torch.randn(1, 77, width, generator=torch.Generator().manual_seed(seed)), {}]]
+
+    def finish(name, t0, base_kib, **kw):
+        out[name] = {"seconds": round(time.perf_counter() - t0, 1),  # building and saving included
+                     # the process's peak RSS while loading and running (ComfyUI itself included), and before
+                     "load_and_run_peak_rss_gib": round(_status_kib("VmHWM") / 2**20, 2),
+                     "rss_before_load_gib": round(base_kib / 2**20, 2), **kw}
+        print(name, out[name], file=sys.stderr, flush=True)
+        mm.unload_all_models()
+        gc.collect()
+
+    if "jointnet" in parts:  # the official inpaint release's layout: unet/ (.bin) + jointnet/ (.safetensors)
+        from jointcore.jointnet import JointNet
+
+        t0 = time.perf_counter()
+        folder = os.path.join(root, "jointnet", "rgbd_inpaint_sd21b")
+        jn = JointNet.from_unet(sd2_unet(), has_masked_latent_input=True)
+        jn.rgb.half().save_pretrained(os.path.join(folder, "unet"), safe_serialization=False)
+        jn.dense.half().save_pretrained(os.path.join(folder, "jointnet"), safe_serialization=True)
+        n_params = sum(p.numel() for p in jn.parameters())
+        del jn
+        for branch in ("unet", "jointnet"):  # as the official config.json files write it
+            cfg_path = os.path.join(folder, branch, "config.json")
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+            cfg["joint_in_channels"] = None
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f)
+        folder_paths.add_model_folder_path("jointnet", os.path.dirname(folder))
+        gc.collect()
+        base = _peak_rss_reset()  # from here: load + run
+        b = N["JDJointNetLoader"]().load("rgbd_inpaint_sd21b", "auto", "epsilon")[0]
+        lat = N["JDJointEmptyLatent"]().make(256, 256, 1)[0]
+        with torch.inference_mode():
+            res = N["JDJointKSampler"]().sample(b, cond(1024), cond(1024, 1), lat, "joint_generation", 0, 1, 4.0,
+                                                "ddim", 0.0, 1.0)[0]["samples"]
+        lm = [x for x in mm.current_loaded_models if x.model is b.patcher]
+        finish("jointnet", t0, base, params=n_params, masked_latent_conv=hasattr(b.model.rgb,
+                                                                                "jointnet_masked_latent_conv"),
+               out_shape=list(res.shape), finite=bool(torch.isfinite(res).all()),
+               comfy_size=int(lm[0].model_memory()) if lm else None, module_bytes=memory.module_bytes(b.model))
+        del b, lm, res
+        shutil.rmtree(folder)
+
+    if "predictor" in parts:  # E2E-FT / Marigold: SD 2 UNet with 8 input channels, SD VAE, OpenCLIP-H text
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        t0 = time.perf_counter()
+        folder = os.path.join(root, "jointdiffusion_predictors", "marigold-e2e-ft-depth")
+        unet = sd2_unet(in_channels=8)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            sample_size=768)
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                          num_attention_heads=16, projection_dim=1024, hidden_act="gelu"))
+        tok = tiny_clip_tokenizer(os.path.join(root, "_tok"))
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="v_prediction",
+                              timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+        save_checkpoint(folder, (unet.half(), vae.half(), te.half(), tok, sched), safe_serialization=True)
+        n_params = sum(p.numel() for m in (unet, vae, te) for p in m.parameters())
+        del unet, vae, te
+        folder_paths.add_model_folder_path("jointdiffusion_predictors", os.path.dirname(folder))
+        gc.collect()
+        base = _peak_rss_reset()
+        pred = N["JDPredictorLoader"]().load("marigold-e2e-ft-depth", "auto", True)[0]
+        img = torch.rand(1, 192, 256, 3, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            res = N["JDDepthNormalPredict"]().predict(pred, img, "depth", 256, 1, 1, 0, "trailing", "per_image")[0]
+        lm = [x for x in mm.current_loaded_models if x.model is pred.comfy_patcher]
+        finish("predictor", t0, base, params=n_params, unet_in_channels=pred.unet.config.in_channels,
+               out_shape=list(res.shape), finite=bool(torch.isfinite(res).all()),
+               comfy_size=int(lm[0].model_memory()) if lm else None,
+               module_bytes=sum(memory.module_bytes(m) for m in (pred.unet, pred.vae, pred.text_encoder)))
+        del pred, lm, res
+        shutil.rmtree(folder)
+
+    if "sd15" in parts:  # an SD 1.5-sized UNet in a single-file checkpoint, through ComfyUI's own loader
+        import comfy.sample
+        import comfy.sd
+
+        from jointcore.family import assemble as A
+        from jointcore.training.train_taesd import build_model
+
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).save_pretrained(
+            os.path.join(root, "sd15", "unet"))
+        build_model().save_pretrained(os.path.join(root, "sd15", "vae"))
+        ck = A.sd15_checkpoint(os.path.join(root, "sd15", "unet"), os.path.join(root, "sd15", "vae"),
+                               os.path.join(root, "sd15.safetensors"))
+        shutil.rmtree(os.path.join(root, "sd15"))
+        gc.collect()
+        base = _peak_rss_reset()
+        with torch.inference_mode():
+            model, clip = comfy.sd.load_checkpoint_guess_config(ck, output_vae=True, output_clip=True,
+                                                                embedding_directory=None)[:2]
+            tokens = clip.tokenize("a wide mountain panorama")
+            c, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+            positive = [[c, {"pooled_output": pooled}]]
+            negative = [[torch.zeros_like(c), {"pooled_output": torch.zeros_like(pooled)}]]
+            sigmas = N["JDTrailingDDIMSigmas"]().get_sigmas(model, 1, "trailing", False)[0]
+            sampler = N["JDTiledDiffusionSampler"]().get_sampler("multidiffusion", 256, 128, True, 4, 0.0)[0]
+            latent = torch.zeros(1, 4, 32, 96)
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+            res = comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent,
+                                             seed=0)
+        finish("sd15_tiled", t0, base, model_config=type(model.model.model_config).__name__,
+               out_shape=list(res.shape), finite=bool(torch.isfinite(res).all()))
+        del model, clip, res
+    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(out))
+
+
+{"models": models_check, "realsize": realsize_check, "sigmas": sigmas_check, "globals": globals_check, "optional": optional_check, "family": family_check}[check]()

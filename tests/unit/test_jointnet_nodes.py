@@ -203,3 +203,93 @@ def test_non_finite_inputs_are_refused_by_name(mod):
         mod.JDJointEncode().encode(FakeVAE(), image=img)
     with pytest.raises(ValueError, match="input 'depth'"):
         mod.JDJointEncode().encode(FakeVAE(), depth=img)
+
+
+def test_a_non_finite_model_output_stops_at_the_first_step_naming_dtype_and_fix(mod, tmp_path):
+    """fp16 overflow shows as NaN/Inf model output: the sampler stops at its first step with the dtype and the
+    fix, never returning a NaN latent; the loader hands its model to ComfyUI's memory manager."""
+    (bundle,) = mod.JDJointNetLoader().load("tiny", "auto", "epsilon")
+    assert bundle.patcher.model.jointnet is bundle.model and bundle.patcher.size > 0
+    with torch.no_grad():
+        bundle.model.rgb.conv_out.bias.fill_(float("inf"))
+    (empty,) = mod.JDJointEmptyLatent().make(64, 64, 1)
+    steps = []
+    mod.progress = lambda n: (lambda: steps.append(1))
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite values running in float32.*weights or the "
+                                                 r"inputs"):
+        mod.JDJointKSampler().sample(bundle, _cond(), _cond(seed=1), empty, "joint_generation", 3, 4, 4.0, "ddim",
+                                     0.0, 0.0)
+    assert steps == []  # stopped inside the first step
+
+
+def test_finite_output_guard_checks_the_first_call_and_names_half_precision_fixes():
+    from jointcore.denoiser import FiniteOutputGuard, NonFiniteOutputError
+
+    class Den:
+        prediction_type, alphas_cumprod = "epsilon", torch.ones(10)
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, x, t, cond=None):
+            self.calls += 1
+            return x * (float("nan") if self.calls == 2 else 1.0)
+    g = FiniteOutputGuard(Den(), "JointNet 'x'", torch.float16)
+    assert g.prediction_type == "epsilon" and g.alphas_cumprod.shape == (10,)
+    x = torch.ones(1, 4, 2, 2)
+    g(x, torch.tensor([1]))
+    g(x, torch.tensor([1]))  # only the first call is checked (the NaN comes later)
+    with pytest.raises(NonFiniteOutputError, match="float16.*bf16.*fp32"):
+        FiniteOutputGuard(type("N", (), {"__call__": lambda s, x, t, c=None: x / 0 * 0})(), "m",
+                          torch.float16)(x, torch.tensor([1]))
+    with pytest.raises(NonFiniteOutputError, match="bfloat16.*fp32"):
+        FiniteOutputGuard(type("N", (), {"__call__": lambda s, x, t, c=None: x / 0 * 0})(), "m",
+                          torch.bfloat16)(x, torch.tensor([1]))
+    every = FiniteOutputGuard(Den(), "m", every_call=True)
+    every(x, torch.tensor([1]))
+    with pytest.raises(NonFiniteOutputError):
+        every(x, torch.tensor([1]))
+
+
+def test_the_sampler_asks_comfyui_to_load_the_model_with_the_jobs_memory(mod, tmp_path):
+    """The model is loaded through ComfyUI (load_models_gpu with the activation estimate as memory_required, fully)
+    and left loaded after the run; a job that cannot fit is refused before anything is loaded."""
+    import sys
+
+    mm = sys.modules["comfy.model_management"]
+    (bundle,) = mod.JDJointNetLoader().load("tiny", "auto", "epsilon")
+    (empty,) = mod.JDJointEmptyLatent().make(64, 64, 1)
+    calls = []
+    real = mm.load_models_gpu
+
+    def spy(models, memory_required=0, force_full_load=False, **k):
+        calls.append((list(models), memory_required, force_full_load))
+        return real(models, memory_required=memory_required, force_full_load=force_full_load, **k)
+    mm.load_models_gpu = spy
+    mod.JDJointKSampler().sample(bundle, _cond(), _cond(seed=1), empty, "joint_generation", 3, 1, 4.0, "ddim", 0.0, 0.0)
+    assert len(calls) == 1 and calls[0][0] == [bundle.patcher] and calls[0][2] is True
+    assert calls[0][1] == bundle.model.activation_bytes(2, 8, 8, 4)  # CFG doubles the batch; 8x8 latents
+    assert any(lm.model is bundle.patcher for lm in mm.current_loaded_models)  # still loaded: ComfyUI decides
+    common = sys.modules[mod.__name__.rsplit(".", 1)[0] + ".common"]
+    common.available_memory = lambda device: 1024  # 1 KiB left: refused with the size and the advice
+    mm.unload_all_models()
+    calls.clear()
+    with pytest.raises(MemoryError, match="512×512 px.*Lower width/height"):
+        mod.JDJointKSampler().sample(bundle, _cond(), _cond(seed=1), mod.JDJointEmptyLatent().make(512, 512, 1)[0],
+                                     "joint_generation", 3, 1, 4.0, "ddim", 0.0, 0.0)
+
+
+def test_auto_dtype_prefers_bf16_then_fp16_on_gpus_and_fp32_on_the_cpu(mod, monkeypatch):
+    import sys
+
+    common = sys.modules[mod.__name__.rsplit(".", 1)[0] + ".common"]
+    mm = sys.modules["comfy.model_management"]
+    assert common.auto_dtype(torch.device("cpu")) == "fp32"
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert common.auto_dtype(gpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: True, raising=False)
+    assert common.auto_dtype(gpu) == "fp16"
+    monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: False, raising=False)
+    assert common.auto_dtype(gpu) == "fp32"

@@ -175,3 +175,30 @@ def test_colorize_and_normals_helpers():
     f = V.flip_normals(n, flip_y=True)
     assert torch.equal(f[:, 1], -n[:, 1]) and torch.equal(f[:, 0], n[:, 0])
     assert V.normals_to_rgb(n).min() >= 0 and V.normals_to_rgb(n).max() <= 1
+
+
+def test_hub_named_folders_load_by_the_workflows_flat_names(comfy_stubs):
+    """A folder stored as downloaded (``GonzaloMG/marigold-e2e-ft-depth``, the README's name) is also offered and
+    loaded by its own name (the shipped workflows'); two owners with the same name are ambiguous; a missing
+    folder's message says what was looked for, where, and what is there."""
+    mod, state, tmp = comfy_stubs
+    models = tmp / "models" / "jointdiffusion_predictors"
+    make_checkpoint(str(models / "GonzaloMG" / "marigold-e2e-ft-depth"))
+    names = mod.JDPredictorLoader.INPUT_TYPES()["required"]["model"][0]
+    assert names == ["GonzaloMG/marigold-e2e-ft-depth", "marigold-e2e-ft-depth"]
+    (a,) = mod.JDPredictorLoader().load("marigold-e2e-ft-depth", "auto", True)
+    (b,) = mod.JDPredictorLoader().load("GonzaloMG/marigold-e2e-ft-depth", "auto", True)
+    assert a.unet.config.in_channels == b.unet.config.in_channels == 8
+    with pytest.raises(FileNotFoundError, match=r"'marigold-e2e-ft-normals' not found .*looked for "
+                                                r"'marigold-e2e-ft-normals' and <owner>/.*found there: "
+                                                r".*'GonzaloMG/marigold-e2e-ft-depth'"):
+        mod.JDPredictorLoader().load("marigold-e2e-ft-normals", "auto", True)
+    make_checkpoint(str(models / "someone" / "marigold-e2e-ft-depth"))
+    import time
+    time.sleep(0.01)
+    common = __import__(mod.__name__.rsplit(".", 1)[0] + ".common", fromlist=["x"])
+    common._LIST_CACHE.clear()
+    names = mod.JDPredictorLoader.INPUT_TYPES()["required"]["model"][0]
+    assert "marigold-e2e-ft-depth" not in names  # no longer unique: only the full names are offered
+    with pytest.raises(FileNotFoundError, match="ambiguous.*GonzaloMG/marigold-e2e-ft-depth.*someone/"):
+        mod.JDPredictorLoader().load("marigold-e2e-ft-depth", "auto", True)
