@@ -341,8 +341,11 @@ def _not_loaded_bytes(patchers) -> int:
     import comfy.model_management as mm
 
     loaded = {id(getattr(lm, "model", None)) for lm in getattr(mm, "current_loaded_models", [])}
-    return sum(p.model_size() for p in patchers if id(p) not in loaded
-               or next(p.model.parameters()).device.type != p.load_device.type)
+
+    def on_device(p) -> bool:
+        first = next(p.model.parameters(), None)
+        return first is None or first.device.type == p.load_device.type
+    return sum(p.model_size() for p in patchers if id(p) not in loaded or not on_device(p))
 
 
 def load_models(patchers, need: int, what: str, advice: str) -> None:
