@@ -373,7 +373,34 @@ def load_models(patchers, need: int, what: str, advice: str) -> None:
         kw["force_full_load"] = True
     if patchers:
         mm.load_models_gpu(patchers, memory_required=int(need), **kw)
+        for p in patchers:
+            _complete_partial_load(p)
     require_memory(int(need), available_memory(dev), what, advice)
+
+
+def _complete_partial_load(patcher) -> None:
+    """ComfyUI before ``force_full_load`` (the March 2024 runtime) loads a model that does not fit — or every model
+    under ``--novram`` — "in lowvram mode": it moves only the sub-modules that have a ``weight`` and leaves the
+    rest for its own layers' weight casting, which the pack's layers do not have. Tensors it left behind (e.g.
+    LPIPS' input scaling buffers, CLIP's position ids) would end the run with a device mismatch: they follow
+    here, tensor by tensor (a no-op when ComfyUI loaded everything, as newer versions do with force_full_load)."""
+    dev = patcher.load_device
+    moved = 0
+    for m in patcher.model.modules():
+        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if t is not None and t.device != dev and not (t.device.type == dev.type == "cpu"):
+                with torch.no_grad():
+                    new = t.data.to(dev)
+                    if not isinstance(t, torch.nn.Parameter):
+                        m._buffers[name] = new
+                    elif torch._has_compatible_shallow_copy_type(t, new):  # as Module._apply does
+                        t.data = new
+                    else:
+                        m._parameters[name] = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                moved += t.numel() * t.element_size()
+    if moved:
+        _LOG.info("[JointDiffusion] %s: ComfyUI loaded it partially; moved the %.1f MiB it left behind to %s",
+                  getattr(patcher.model, "jd_name", "model"), moved / 2**20, dev)
 
 
 @contextlib.contextmanager

@@ -293,3 +293,34 @@ def test_auto_dtype_prefers_bf16_then_fp16_on_gpus_and_fp32_on_the_cpu(mod, monk
     assert common.auto_dtype(gpu) == "fp16"
     monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: False, raising=False)
     assert common.auto_dtype(gpu) == "fp32"
+
+
+def test_what_an_old_comfyui_left_behind_in_a_partial_load_follows(mod, caplog):
+    """The March 2024 runtime's "lowvram" load moves only sub-modules with a ``weight``: buffers and parameters of
+    other modules (LPIPS' scaling buffers, CLIP's position ids) follow to the load device, nothing else moves."""
+    import logging
+    import sys
+
+    common = sys.modules[mod.__name__.rsplit(".", 1)[0] + ".common"]
+
+    class Scaling(torch.nn.Module):  # like lpips.ScalingLayer: buffers, no weight
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("shift", torch.ones(1, 3, 1, 1))
+            self.extra = torch.nn.Parameter(torch.zeros(2))
+
+    net = torch.nn.Sequential(Scaling(), torch.nn.Conv2d(3, 4, 1))
+    patcher = common.make_patcher("test", net=net)
+    patcher.load_device = torch.device("meta")
+    for m in net.modules():  # what that runtime's patch_model_lowvram does
+        if hasattr(m, "weight"):
+            m.to("meta")
+    assert net[0].shift.device.type == "cpu"
+    with caplog.at_level(logging.INFO, logger="jointdiffusion"):
+        common._complete_partial_load(patcher)
+    assert {t.device.type for t in list(net.parameters()) + list(net.buffers())} == {"meta"}
+    assert "loaded it partially" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jointdiffusion"):
+        common._complete_partial_load(patcher)  # complete: nothing to do, nothing logged
+    assert "partially" not in caplog.text
