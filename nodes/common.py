@@ -55,6 +55,34 @@ def check_inputs(kwargs: dict) -> None:
                     require_finite(k if key in ("samples", "data") else f"{k} ({key})", v[key])
 
 
+def add_tooltips(mappings: dict, inputs: dict, outputs: dict) -> None:
+    """Give every node of ``mappings`` the tooltips of ``inputs`` (``{node: {input: text}}``, where its own
+    INPUT_TYPES has none) and ``outputs`` (``{node: (text per output, …)}`` as ``OUTPUT_TOOLTIPS``), so that hovering
+    any input or output on the canvas explains it."""
+    for key, cls in mappings.items():
+        tips = inputs.get(key)
+        if tips and not cls.__dict__.get("_jd_tooltips"):
+            original = cls.INPUT_TYPES
+
+            def INPUT_TYPES(c, _original=original, _tips=tips):
+                spec = _original()
+                for section in spec.values():
+                    if not isinstance(section, dict):
+                        continue
+                    for name, value in list(section.items()):
+                        if name in _tips and isinstance(value, tuple) and value:
+                            opts = dict(value[1]) if len(value) > 1 and isinstance(value[1], dict) else {}
+                            opts.setdefault("tooltip", _tips[name])
+                            section[name] = (value[0], opts, *value[2:])
+                return spec
+            cls.INPUT_TYPES = classmethod(INPUT_TYPES)
+            cls._jd_tooltips = True
+        if key in outputs:
+            if len(outputs[key]) != len(cls.RETURN_TYPES):
+                raise ValueError(f"{key}: {len(outputs[key])} output tooltips for {len(cls.RETURN_TYPES)} outputs")
+            cls.OUTPUT_TOOLTIPS = tuple(outputs[key])
+
+
 def checked_inputs(mappings: dict) -> dict:
     """Wrap each node class's FUNCTION so that :func:`check_inputs` runs on its inputs first (by name, whether
     passed by keyword, as ComfyUI does, or by position). Idempotent; returns ``mappings``."""

@@ -19,8 +19,8 @@ from ..jointcore import diff2in1 as D
 from ..jointcore import mt_diffusion as MT
 from ..jointcore.denoiser import NonFiniteOutputError, non_finite_message
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import (CATEGORY, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, make_patcher,
-                     progress, register_model_folder, resolve_model_dir, running, torch_device)
+from .common import (CATEGORY, add_tooltips, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs,
+                     make_patcher, progress, register_model_folder, resolve_model_dir, running, torch_device)
 
 HEAD_FOLDER = "diff2in1"
 register_model_folder(HEAD_FOLDER)
@@ -304,3 +304,24 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "JDDiff2in1CreatePairs": "Diff-2-in-1 Create Paired Data",
     "JDMTDiffusionRestoreSampler": "MT-Diffusion Restore Sampler",
 }
+
+add_tooltips(NODE_CLASS_MAPPINGS, {
+    "JDDiff2in1Predict": {
+        "diff2in1": "from JD Diff-2-in-1 Loader",
+        "image": "images to label (resized to resolution, the prediction back to the image size)",
+    },
+    "JDDiff2in1CreatePairs": {
+        "diff2in1": "from JD Diff-2-in-1 Loader",
+        "images": "real images the new image-label pairs are made from",
+        "seed": "seed of the noise the images are sent to (another seed, other images)",
+        "per_image": "new pairs made from each input image",
+        "folder_prefix": "name of the new numbered folder under output/diff2in1_pairs/ (letters, digits, _ . -)",
+    },
+}, {
+    "JDDiff2in1Loader": ("the frozen SD model and the task head: for Diff-2-in-1 Predict and Create Pairs",),
+    "JDDiff2in1Predict": ("the head's prediction: depth as min–max grey, normals as (n+1)/2, segmentation as "
+                          "class-index grey",),
+    "JDDiff2in1CreatePairs": ("the created images", "their labels from the head, as pictures",
+                              "the folder the pairs were saved in (images/ labels/ captions/ + json)"),
+    "JDMTDiffusionRestoreSampler": ("a SAMPLER: connect it to SamplerCustom / SamplerCustomAdvanced",),
+})

@@ -20,7 +20,7 @@ from ..jointcore import joint_sampling as JS
 from ..jointcore import schedules as S
 from ..jointcore.denoiser import FiniteOutputGuard, TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
-from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, auto_dtype, checked_inputs, list_model_dirs,
+from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, auto_dtype, add_tooltips, checked_inputs, list_model_dirs,
                      make_patcher, mask_to_b1hw, progress, register_model_folder, resolve_model_dir, running,
                      torch_device)
 
@@ -385,3 +385,31 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "JDJointKSampler": "JD Joint KSampler (JointNet)",
     "JDJointPanoramaSampler": "JD Joint Panorama Sampler (RGBD, tiled)",
 }
+
+_JN = "from JD JointNet Loader"
+_COND = "text conditioning from CLIP Text Encode with the SD 2.1 base CLIP (1024 wide)"
+_LATENT_OUT = "joint latent (RGB + depth/normals): decode with JD Joint Decode"
+add_tooltips(NODE_CLASS_MAPPINGS, {
+    "JDJointEmptyLatent": {"width": "image width in pixels (multiple of 8)",
+                           "height": "image height in pixels (multiple of 8)",
+                           "batch_size": "images generated at once"},
+    "JDJointEncode": {"vae": "the SD VAE of the checkpoint JointNet was fine-tuned from (SD 2.1 base)"},
+    "JDJointDecode": {"vae": "the same SD VAE as for encoding (SD 2.1 base)",
+                      "joint_latent": "from a Joint sampler or JD Joint Encode"},
+    "JDJointKSampler": {"jointnet": _JN, "positive": _COND, "negative": _COND + " (what to avoid)",
+                        "seed": "noise seed", "steps": "sampling steps (official: 50 DDIM)",
+                        "cfg": "classifier-free guidance scale (official: 7.5)",
+                        "sampler": "ddim (official) or dpmpp_2m (fewer steps for the same quality)"},
+    "JDJointPanoramaSampler": {"jointnet": _JN, "positive": _COND, "negative": _COND + " (what to avoid)",
+                               "seed": "noise seed", "steps": "DDIM steps",
+                               "cfg": "classifier-free guidance scale (official: 7.5)",
+                               "window": "view size in pixels (JointNet's native 512)",
+                               "view_batch": "views per model call: more is faster and takes more memory"},
+}, {
+    "JDJointNetLoader": ("JointNet (RGB and depth/normal branches): for the Joint samplers",),
+    "JDJointEmptyLatent": ("an empty joint latent [B, 8, H/8, W/8]: for JD Joint KSampler",),
+    "JDJointEncode": ("joint latent of the image and the depth/normal map (what is omitted is zero)",),
+    "JDJointDecode": ("the RGB image", "depth as grey (near = bright) or normals as (n+1)/2"),
+    "JDJointKSampler": (_LATENT_OUT,),
+    "JDJointPanoramaSampler": (_LATENT_OUT,),
+})

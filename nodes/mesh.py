@@ -14,7 +14,7 @@ import folder_paths
 import torch
 
 from ..jointcore import mesh as jm
-from .common import CATEGORY, checked_inputs, image_to_bchw, interrupt_check, progress
+from .common import CATEGORY, add_tooltips, checked_inputs, image_to_bchw, interrupt_check, progress
 
 
 def rgbd_pairs(image, depth) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -187,3 +187,22 @@ checked_inputs(OPTIONAL_NODES)
 if core_mesh_class() is not None:
     NODE_CLASS_MAPPINGS["JDRGBDToComfyMesh"] = JDRGBDToComfyMesh
     NODE_DISPLAY_NAME_MAPPINGS["JDRGBDToComfyMesh"] = "RGBD to MESH (core type)"
+
+_PROJECTION = ("how the image was taken: perspective (a photo; uses fov_deg), cylindrical (a wide panorama "
+               "spanning horizontal_span_deg), equirectangular (a 360°×180° panorama)")
+add_tooltips({**NODE_CLASS_MAPPINGS, **OPTIONAL_NODES}, {
+    "JDRGBDToMesh": {
+        "image": "the RGB picture: the mesh's colours (vertex colours or a texture)",
+        "projection": _PROJECTION,
+        "format": "glb: glTF (Blender, three.js, Windows 3D Viewer, ComfyUI's 3D preview); ply: binary (MeshLab, "
+                  "CloudCompare); obj: text (+ .mtl/.png with a texture); pointcloud_ply: every valid pixel, no "
+                  "faces",
+        "filename_prefix": "path under ComfyUI's output folder; a number is appended and existing files are "
+                           "never overwritten",
+        "normals": "store per-vertex normals (smooth shading in viewers)",
+    },
+    "JDRGBDToComfyMesh": {
+        "image": "the RGB picture (the core MESH type carries no colour)",
+        "projection": _PROJECTION,
+    },
+}, {"JDRGBDToComfyMesh": ("ComfyUI's MESH (batch padded to the largest mesh): for Preview3D / Save GLB",)})

@@ -16,8 +16,8 @@ from ..jointcore.metrics_pano import find_lpips_backbone, load_lpips
 from ..jointcore.runtime.interrupt import interruptible
 from ..jointcore.tiled import TiledConfig, axis_starts, tiled_decode, tiled_sample
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
-from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, checked_inputs, ensure_memory, interrupt_check, load_models,
-                     make_patcher)
+from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, add_tooltips, checked_inputs, ensure_memory,
+                     interrupt_check, load_models, make_patcher)
 
 METHODS = ["multidiffusion", "syncdiffusion", "syncdiffusion_fast", "jointnet"]
 LPIPS_FOLDER = "lpips"
@@ -267,3 +267,16 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "JDTiledDiffusionSampler": "Tiled Panorama Sampler (JointDiffusion)",
     "JDTiledVAEDecode": "Tiled VAE Decode, 360° (JointDiffusion)",
 }
+
+add_tooltips(NODE_CLASS_MAPPINGS, {
+    "JDTiledDiffusionSampler": {
+        "eta": "stochasticity: 0 = deterministic DDIM",
+        "sync_weight": "syncdiffusion: weight w of the LPIPS gradient towards the anchor view (paper: 20)",
+        "sync_decay": "syncdiffusion: the weight at step i is w·decay^i (paper: 0.95)",
+        "sync_freq": "syncdiffusion: synchronise every N-th step (1 = every step)",
+    },
+    "JDTiledVAEDecode": {"samples": "a (panorama) latent", "vae": "the checkpoint's VAE"},
+}, {
+    "JDTiledDiffusionSampler": ("a SAMPLER: connect it to SamplerCustom / SamplerCustomAdvanced",),
+    "JDTiledVAEDecode": ("the decoded picture",),
+})

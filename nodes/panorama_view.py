@@ -10,7 +10,7 @@ import folder_paths
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .common import CATEGORY, checked_inputs
+from .common import CATEGORY, add_tooltips, checked_inputs
 
 PROJECTIONS = ["equirectangular", "cylindrical"]
 
@@ -83,3 +83,12 @@ class JDPanoramaPreview:
 NODE_CLASS_MAPPINGS = {"JDPanoramaPreview": JDPanoramaPreview}
 checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {"JDPanoramaPreview": "JD Panorama Preview (360° viewer)"}
+
+add_tooltips(NODE_CLASS_MAPPINGS, {
+    "JDPanoramaPreview": {
+        "images": "panoramas to save (PNG) and look around in",
+        "projection": "equirectangular: a 360°×180° panorama; cylindrical: a wide strip spanning span_deg",
+        "span_deg": "horizontal angle a cylindrical panorama covers (360 = all around)",
+        "filename_prefix": "path under ComfyUI's output folder; a number is appended",
+    },
+}, {})

@@ -22,8 +22,8 @@ import folder_paths
 from ..jointcore import predictor as JP
 from ..jointcore import predictor_vis as V
 from ..jointcore.denoiser import NonFiniteOutputError, non_finite_message
-from .common import (CATEGORY, auto_dtype, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs, make_patcher,
-                     progress, register_model_folder, resolve_model_dir, running)
+from .common import (CATEGORY, add_tooltips, auto_dtype, bchw_to_image, checked_inputs, image_to_bchw,
+                     list_model_dirs, make_patcher, progress, register_model_folder, resolve_model_dir, running)
 
 MODEL_FOLDER = "jointdiffusion_predictors"
 SUB = CATEGORY + "/depth"
@@ -248,3 +248,33 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "JDNormalsVisualize": "Visualize Normals",
     "JDSaveRawPrediction": "Save Raw Depth / Normals",
 }
+
+add_tooltips(NODE_CLASS_MAPPINGS, {
+    "JDPredictorLoader": {"model": "a diffusers folder under models/jointdiffusion_predictors/ (Marigold, E2E-FT)"},
+    "JDDepthNormalPredict": {
+        "predictor": "from JD Predictor Loader",
+        "image": "pictures to predict depth or normals for (any size)",
+        "task": "depth (affine-invariant: relative, not metres) or surface normals",
+        "ensemble_size": "predictions combined per image (Marigold diffusion checkpoints: ~10; E2E-FT: 1)",
+        "normalisation": "depth IMAGE range: per_image stretches each map to 0–1; per_batch one range for the "
+                         "whole batch (keeps relative depth between frames)",
+    },
+    "JDDepthColorize": {"depth": "a depth IMAGE (e.g. JD Predict's image output; grey, channel 0 is read)",
+                        "colormap": "colour map; grey keeps the values"},
+    "JDNormalsVisualize": {"raw": "the raw output of JD Predict with task normals",
+                           "flip_x": "negate x (left/right) for viewers with another convention",
+                           "flip_y": "negate y (OpenGL vs DirectX normal maps)",
+                           "flip_z": "negate z (towards/away from the camera)"},
+    "JDSaveRawPrediction": {"raw": "a raw output of JD Predict (depth, normals or uncertainty)",
+                            "filename_prefix": "path under ComfyUI's output folder; a number is appended",
+                            "format": "png16: 16-bit PNG; npy: float32 NumPy array (exact values); or both"},
+}, {
+    "JDPredictorLoader": ("the predictor (owned by ComfyUI's model management): for JD Predict",),
+    "JDDepthNormalPredict": ("depth as grey (near = dark, as Marigold) or normals as (n+1)/2",
+                             "the float prediction (depth 0–1, near = small; or unit normals): for saving, colouring "
+                             "and meshes",
+                             "ensemble spread as a picture (zero with one member)",
+                             "ensemble spread as floats"),
+    "JDDepthColorize": ("the coloured depth",),
+    "JDNormalsVisualize": ("normals as an RGB picture, (n+1)/2",),
+})

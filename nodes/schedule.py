@@ -9,7 +9,7 @@ import torch
 from ..jointcore import prediction as P
 from ..jointcore import schedules as S
 from .comfy_denoiser import comfy_ddim, find_model_sampling, make_ksampler
-from .common import CATEGORY, checked_inputs
+from .common import CATEGORY, add_tooltips, checked_inputs
 
 
 def model_alphas_cumprod(model) -> torch.Tensor:
@@ -82,3 +82,18 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "JDTrailingDDIMSigmas": "Trailing DDIM Schedule (JointDiffusion)",
     "JDDDIMSampler": "DDIM Sampler η (JointDiffusion)",
 }
+
+add_tooltips(NODE_CLASS_MAPPINGS, {
+    "JDTrailingDDIMSigmas": {
+        "model": "the model whose training noise schedule the sigmas are taken from",
+        "steps": "DDIM steps; 1 = a single-step prediction",
+        "spacing": "trailing: the first step is the last training timestep (the fix for few-step sampling); "
+                   "leading: SD's original spacing; linspace: evenly spaced",
+        "zero_terminal_snr": "rescale the schedule so that its last step is pure noise (Lin et al. 2024); only for "
+                             "models trained that way",
+    },
+    "JDDDIMSampler": {"eta": "stochasticity: 0 = deterministic DDIM, 1 = as much fresh noise as DDPM"},
+}, {
+    "JDTrailingDDIMSigmas": ("noise levels from high to low: connect to SamplerCustom's sigmas",),
+    "JDDDIMSampler": ("a SAMPLER: connect it to SamplerCustom / SamplerCustomAdvanced",),
+})

@@ -59,3 +59,24 @@ def test_finite_inputs_pass_through(monkeypatch, tmp_path):
     fn = m.JDDepthColorize.colorize
     m.checked_inputs(m.NODE_CLASS_MAPPINGS)
     assert m.JDDepthColorize.colorize is fn
+
+
+def test_every_input_and_output_explains_itself(monkeypatch, tmp_path):
+    """Hovering any input or output of the pack's nodes shows a tooltip (INPUT_TYPES' ``tooltip``,
+    ``OUTPUT_TOOLTIPS``), and the tooltips that come from the shared tables do not hide a node's own."""
+    missing, n_inputs, n_outputs = [], 0, 0
+    for key, cls in _all_nodes(monkeypatch, tmp_path):
+        for name, spec in _inputs(cls).items():
+            n_inputs += 1
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if not str(opts.get("tooltip", "")).strip():
+                missing.append(f"{key}.{name}")
+        if cls.RETURN_TYPES:
+            tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
+            n_outputs += len(cls.RETURN_TYPES)
+            if len(tips) != len(cls.RETURN_TYPES) or not all(str(t).strip() for t in tips):
+                missing.append(f"{key} outputs")
+    assert missing == [] and n_inputs >= 130 and n_outputs >= 25, (missing, n_inputs, n_outputs)
+    m, _ = load_node_module(monkeypatch, tmp_path, "predictor")
+    own = m.JDPredictorLoader.INPUT_TYPES()["required"]["dtype"][1]["tooltip"]
+    assert own.startswith("auto: bf16")  # the node's own tooltip, not replaced
