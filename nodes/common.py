@@ -127,6 +127,29 @@ def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().contiguous()
 
 
+# ---- depth convention travelling with an IMAGE ----------------------------------------------------------
+#: attribute the pack's nodes set on a depth IMAGE they output: "depth" (near = dark, e.g. JD Predict),
+#: "disparity" (near = bright, e.g. JointNet, MiDaS-style estimators) or "normals". ComfyUI hands a node's output
+#: object itself to the nodes wired to it, so RGBD to Mesh (depth_kind auto) reads it; a node in between that
+#: makes a new tensor drops it (JD Depth Convention sets it on any IMAGE).
+DEPTH_TAG = "jd_depth_kind"
+DEPTH_TAGS = ("depth", "disparity", "normals")
+
+
+def tag_depth(image: torch.Tensor, kind: str) -> torch.Tensor:
+    """``image`` marked as holding ``kind`` ("depth": near = dark; "disparity": near = bright; "normals")."""
+    if kind not in DEPTH_TAGS:
+        raise ValueError(f"depth convention must be one of {DEPTH_TAGS}, got {kind!r}")
+    setattr(image, DEPTH_TAG, kind)
+    return image
+
+
+def depth_tag(image) -> Optional[str]:
+    """The convention a pack node marked ``image`` with, or None."""
+    kind = getattr(image, DEPTH_TAG, None)
+    return kind if kind in DEPTH_TAGS else None
+
+
 def mask_to_b1hw(mask: Optional[torch.Tensor], batch: int, height: int, width: int,
                  name: str = "mask") -> Optional[torch.Tensor]:
     """ComfyUI MASK → ``[B,1,H,W]``, resized (nearest) to ``height×width`` and repeated to ``batch`` (errors name

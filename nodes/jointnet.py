@@ -22,7 +22,7 @@ from ..jointcore.denoiser import FiniteOutputGuard, TextConditioning
 from ..jointcore.jointnet import JointNet, JointNetDenoiser
 from .common import (BOUNDARY_INPUT, BOUNDARY_PX, CATEGORY, auto_dtype, add_tooltips, checked_inputs, list_model_dirs,
                      make_patcher, mask_to_b1hw, progress, register_model_folder, resolve_model_dir, running,
-                     torch_device)
+                     tag_depth, torch_device)
 
 FOLDER = "jointnet"
 register_model_folder(FOLDER)
@@ -198,7 +198,9 @@ class JDJointDecode:
             dense = dense[..., :1].expand(-1, -1, -1, 3)
         elif dense_kind == "depth_mean":
             dense = dense[..., :3].mean(-1, keepdim=True).expand(-1, -1, -1, 3)
-        return (img[..., :3].float().clamp(0, 1).contiguous(), dense.float().clamp(0, 1).contiguous())
+        # JointNet's depth is disparity-like (near = bright, as MiDaS): RGBD to Mesh (depth_kind auto) reads the mark
+        return (img[..., :3].float().clamp(0, 1).contiguous(),
+                tag_depth(dense.float().clamp(0, 1).contiguous(), "normals" if dense_kind == "normals" else "disparity"))
 
 
 def conditioning_embedding(conditioning, width: int, name: str) -> torch.Tensor:

@@ -8,13 +8,17 @@ is what core ``Preview3D``'s ``model_file`` expects.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import folder_paths
 import torch
 
 from ..jointcore import mesh as jm
-from .common import CATEGORY, add_tooltips, checked_inputs, image_to_bchw, interrupt_check, progress
+from .common import (CATEGORY, add_tooltips, checked_inputs, depth_tag, image_to_bchw, interrupt_check, progress,
+                     tag_depth)
+
+_LOG = logging.getLogger("jointdiffusion")
 
 
 def rgbd_pairs(image, depth) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -27,6 +31,23 @@ def rgbd_pairs(image, depth) -> tuple[torch.Tensor, torch.Tensor, int]:
         raise ValueError(f"image batch {img.shape[0]} and depth batch {dep.shape[0]} differ: give equal "
                          "batches or a batch of 1 on one side")
     return img, dep, B
+
+
+def resolve_depth_kind(depth, depth_kind: str) -> str:
+    """``depth_kind``, or for "auto" the convention the depth IMAGE carries (:func:`~.common.depth_tag`), else
+    disparity (near = bright, what most ComfyUI depth estimators output)."""
+    if depth_kind != "auto":
+        return depth_kind
+    tag = depth_tag(depth)
+    if tag == "normals":
+        raise ValueError("the 'depth' input is a normal map (task or dense_kind normals): connect a depth map")
+    if tag is not None:
+        _LOG.info("[JointDiffusion] RGBD to Mesh: the depth picture says %s (near = %s)", tag,
+                  "dark" if tag == "depth" else "bright")
+        return tag
+    _LOG.info("[JointDiffusion] RGBD to Mesh: the depth picture carries no convention; reading it as disparity "
+              "(near = bright). Set depth_kind to 'depth' (or use JD Depth Convention) if near is dark.")
+    return "disparity"
 
 
 def _free_counter(folder: str, filename: str, counter: int, ext: str, companions: tuple = ()) -> int:
@@ -51,9 +72,11 @@ class JDRGBDToMesh:
             "horizontal_span_deg": ("FLOAT", {"default": 180.0, "min": 1.0, "max": 360.0, "step": 1.0,
                                               "tooltip": "azimuth covered by a cylindrical panorama; 360 closes the "
                                                          "seam (equirectangular is always 360x180)"}),
-            "depth_kind": (list(jm.DEPTH_KINDS)[::-1], {"default": "disparity",
-                                                         "tooltip": "disparity: white = near (JointNet, most depth "
-                                                                    "estimators); depth: white = far"}),
+            "depth_kind": (["auto"] + list(jm.DEPTH_KINDS)[::-1], {
+                "default": "auto",
+                "tooltip": "auto: as the depth picture says (JD Predict: near = dark; JointNet: near = bright; "
+                           "JD Depth Convention marks any picture), else disparity; disparity: white = near "
+                           "(JointNet, MiDaS, Depth Anything); depth: white = far (Marigold / JD Predict)"}),
             "near": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01,
                                "tooltip": "distance given to the nearest map value"}),
             "far": ("FLOAT", {"default": 10.0, "min": 0.001, "max": 1e6, "step": 0.01,
@@ -88,6 +111,7 @@ class JDRGBDToMesh:
     def export(self, image, depth, projection, fov_deg, horizontal_span_deg, depth_kind, near, far,
                discontinuity_threshold, downsample, format, filename_prefix, color="vertex", normals=True,
                max_memory_gb=4.0):
+        depth_kind = resolve_depth_kind(depth, depth_kind)
         img, dep, B = rgbd_pairs(image, depth)
         interrupt_check()
         H, W = img.shape[-2:]
@@ -168,6 +192,7 @@ class JDRGBDToComfyMesh:
         mesh_cls = core_mesh_class()
         if mesh_cls is None:
             raise RuntimeError("this ComfyUI has no core MESH type; use 'RGBD to Mesh' to write files instead")
+        depth_kind = resolve_depth_kind(depth, depth_kind)
         img, dep, B = rgbd_pairs(image, depth)
         meshes = [jm.rgbd_to_mesh(img[i if img.shape[0] > 1 else 0], dep[i if dep.shape[0] > 1 else 0],
                                   projection=projection, fov_deg=fov_deg, horizontal_span_deg=horizontal_span_deg,
@@ -178,8 +203,38 @@ class JDRGBDToComfyMesh:
         return (stack_meshes(meshes, mesh_cls),)
 
 
-NODE_CLASS_MAPPINGS = {"JDRGBDToMesh": JDRGBDToMesh}
-NODE_DISPLAY_NAME_MAPPINGS = {"JDRGBDToMesh": "RGBD to Mesh (GLB/PLY/OBJ)"}
+class JDDepthConvention:
+    """Say which way round a depth picture from elsewhere is (optionally flipping it), for RGBD to Mesh's auto."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "depth": ("IMAGE", {"tooltip": "a depth or disparity picture from any node"}),
+            "near_is": (["bright", "dark"], {"default": "bright",
+                                             "tooltip": "bright: disparity-like (MiDaS, Depth Anything, JointNet); "
+                                                        "dark: depth-like (Marigold, JD Predict, ZoeDepth "
+                                                        "metric maps)"}),
+            "invert": ("BOOLEAN", {"default": False, "tooltip": "flip the values (1 − v), which also flips near_is"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("depth",)
+    OUTPUT_TOOLTIPS = ("the same picture (flipped if asked), marked with its convention for RGBD to Mesh",)
+    FUNCTION = "mark"
+    CATEGORY = CATEGORY + "/mesh"
+    DESCRIPTION = ("Mark a depth picture as near = bright (disparity) or near = dark (depth), optionally flipping it, "
+                   "so RGBD to Mesh with depth_kind auto builds it the right way round. JD Predict and JointNet "
+                   "mark their own outputs; a node in between (resize, crop…) drops the mark.")
+
+    def mark(self, depth, near_is, invert):
+        dark = near_is == "dark"
+        out = (1.0 - depth) if invert else depth.clone()
+        return (tag_depth(out, "disparity" if dark == invert else "depth"),)
+
+
+NODE_CLASS_MAPPINGS = {"JDRGBDToMesh": JDRGBDToMesh, "JDDepthConvention": JDDepthConvention}
+NODE_DISPLAY_NAME_MAPPINGS = {"JDRGBDToMesh": "RGBD to Mesh (GLB/PLY/OBJ)",
+                              "JDDepthConvention": "Depth Convention (JointDiffusion)"}
 # offered only where the running ComfyUI has a core MESH type (feature detection, no V3 API needed)
 OPTIONAL_NODES = {"JDRGBDToComfyMesh": JDRGBDToComfyMesh}
 checked_inputs(NODE_CLASS_MAPPINGS)

@@ -23,7 +23,8 @@ from ..jointcore import predictor as JP
 from ..jointcore import predictor_vis as V
 from ..jointcore.denoiser import NonFiniteOutputError, non_finite_message
 from .common import (CATEGORY, add_tooltips, auto_dtype, bchw_to_image, checked_inputs, image_to_bchw,
-                     list_model_dirs, make_patcher, progress, register_model_folder, resolve_model_dir, running)
+                     list_model_dirs, make_patcher, progress, register_model_folder, resolve_model_dir, running,
+                     tag_depth)
 
 MODEL_FOLDER = "jointdiffusion_predictors"
 SUB = CATEGORY + "/depth"
@@ -146,7 +147,9 @@ class JDDepthNormalPredict:
                else torch.zeros((data.shape[0], 1, *data.shape[-2:])))
         peak = unc.reshape(unc.shape[0], -1).amax(dim=1).reshape(-1, 1, 1, 1)
         unc_vis = torch.where(peak > 0, unc / peak.clamp(min=1e-12), torch.zeros_like(unc)).clamp(0, 1)
-        return (bchw_to_image(vis), {"task": task, "data": data},
+        # the depth picture says it is depth (near = dark), so RGBD to Mesh (depth_kind auto) reads it right
+        return (tag_depth(bchw_to_image(vis), "depth" if task == "depth" else "normals"),
+                {"task": task, "data": data, "near": "small"} if task == "depth" else {"task": task, "data": data},
                 bchw_to_image(unc_vis), {"task": "uncertainty", "of": task, "data": unc})
 
 

@@ -616,3 +616,41 @@ def test_a_cancelled_obj_leaves_no_file(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             M.export_mesh(m, tmp_path / f"s_{color}.obj", color=color, check=check)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_depth_kind_auto_reads_the_convention_the_depth_picture_carries(node_module, caplog):
+    """JD Predict's depth (near = dark) and JointNet's (near = bright) wired straight into RGBD to Mesh with
+    depth_kind auto give the same, correctly ordered geometry; an unmarked picture is read as disparity;
+    JD Depth Convention marks (and optionally flips) any picture; a normal map is refused."""
+    import logging
+
+    mod, out = node_module
+    common = sys.modules[mod.__name__.rsplit(".", 1)[0] + ".common"]
+    req = mod.JDRGBDToMesh.INPUT_TYPES()["required"]
+    assert req["depth_kind"][0][0] == "auto" and req["depth_kind"][1]["default"] == "auto"
+    near_left = torch.linspace(0.1, 0.9, 8).repeat(1, 6, 1)[..., None].expand(1, 6, 8, 3).contiguous()  # depth
+    as_depth = common.tag_depth(near_left.clone(), "depth")           # JD Predict: near = dark
+    as_disparity = common.tag_depth(1.0 - near_left, "disparity")     # JointNet: near = bright
+
+    def distances(depth_img, kind="auto"):
+        img, dep, _ = mod.rgbd_pairs(torch.rand(1, 6, 8, 3), depth_img)
+        m = M.rgbd_to_mesh(img[0], dep[0], projection="perspective",
+                           depth_kind=mod.resolve_depth_kind(depth_img, kind), near=1.0, far=10.0)[0]
+        return m.vertices.norm(dim=1).reshape(6, 8).mean(0)
+    a, b = distances(as_depth), distances(as_disparity)
+    assert bool((a[1:] > a[:-1]).all()) and bool((b[1:] > b[:-1]).all())  # both: far on the right
+    untagged = distances(near_left.clone())                    # read as disparity: the picture's dark side is far
+    assert bool((untagged[1:] < untagged[:-1]).all())
+    with caplog.at_level(logging.INFO, logger="jointdiffusion"):
+        mod.resolve_depth_kind(near_left.clone(), "auto")
+    assert "carries no convention" in caplog.text
+    assert mod.resolve_depth_kind(as_depth, "disparity") == "disparity"  # an explicit choice wins
+    (marked,) = mod.JDDepthConvention().mark(near_left.clone(), "dark", False)
+    assert common.depth_tag(marked) == "depth" and torch.equal(marked, near_left)
+    (flipped,) = mod.JDDepthConvention().mark(near_left.clone(), "dark", True)
+    assert common.depth_tag(flipped) == "disparity" and torch.allclose(flipped, 1 - near_left)
+    (bright,) = mod.JDDepthConvention().mark(near_left.clone(), "bright", True)
+    assert common.depth_tag(bright) == "depth"
+    with pytest.raises(ValueError, match="normal map"):
+        mod.JDRGBDToMesh().export(torch.rand(1, 6, 8, 3), common.tag_depth(torch.rand(1, 6, 8, 3), "normals"),
+                                  "perspective", 60.0, 180.0, "auto", 1.0, 10.0, 0.1, 1, "glb", "x/y")
