@@ -305,3 +305,19 @@ def test_family_runs_use_the_worlds_prompts_and_a_heldout_scene(server, tmp_path
                 if isinstance(node["inputs"].get(k), int):
                     assert node["inputs"][k] <= H.FAMILY_RESOLUTION, (wf.name, k)
     assert seen_negative
+
+
+@pytest.mark.parametrize("wf,says", [("predictor_depth_to_mesh", "says depth (near = dark)"),
+                                     ("jointnet_rgbd_panorama_to_mesh", "says disparity (near = bright)")])
+def test_depth_convention_reaches_the_mesh_node_through_comfyui(server, wf, says):
+    """Through ComfyUI's executor, RGBD to Mesh with depth_kind auto reads the convention that JD Predict /
+    JD Joint Decode marked on the depth picture wired into it."""
+    import uuid
+
+    api = H.shrink_for_tiny(H.ui_to_api(ROOT / "workflows" / f"{wf}.json", server.object_info))
+    k = next(i for i, v in api.items() if v["class_type"] == "JDRGBDToMesh")
+    api[k]["inputs"]["depth_kind"] = "auto"
+    api[k]["inputs"]["filename_prefix"] = f"jd_test/convention_{uuid.uuid4().hex[:8]}"
+    before = len(server.log())
+    server.run_prompt(api)
+    assert says in server.log()[before:], server.log()[before:][-3000:]
