@@ -44,7 +44,7 @@ def test_node_contract(mod):
     cls = mod.JDPanoramaPreview
     assert cls.OUTPUT_NODE is True and cls.RETURN_TYPES == () and cls.CATEGORY == "JointDiffusion/panorama"
     req = cls.INPUT_TYPES()["required"]
-    assert req["images"] == ("IMAGE",)
+    assert req["images"][0] == "IMAGE" and req["images"][1]["tooltip"]
     assert req["projection"][0] == ["equirectangular", "cylindrical"]
     assert (req["span_deg"][1]["default"], req["span_deg"][1]["min"], req["span_deg"][1]["max"]) == (360.0, 1.0, 360.0)
     assert req["filename_prefix"][1]["default"] == "jointdiffusion/panorama"
