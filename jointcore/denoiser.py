@@ -52,6 +52,14 @@ def non_finite_message(what: str, dtype: torch.dtype) -> str:
     return f"{what} returned NaN or infinite values running in {str(dtype).replace('torch.', '')}: {fix}."
 
 
+def require_finite_output(out: torch.Tensor, what: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``out`` if it holds no NaN/Inf, else :class:`NonFiniteOutputError` naming ``what``, the model's ``dtype``
+    (default: ``out``'s) and the fix."""
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise NonFiniteOutputError(non_finite_message(what, dtype or out.dtype))
+    return out
+
+
 class FiniteOutputGuard:
     """A :class:`Denoiser` that checks the first output of ``inner`` and raises :class:`NonFiniteOutputError`
     (naming the dtype and the fix) if it holds NaN or Inf, so that a half-precision overflow stops the run at
@@ -69,8 +77,7 @@ class FiniteOutputGuard:
         out = self.inner(x_t, t, cond)
         if self.every_call or not self.checked:
             self.checked = True
-            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-                raise NonFiniteOutputError(non_finite_message(self.what, self.dtype or out.dtype))
+            require_finite_output(out, self.what, self.dtype)
         return out
 
 

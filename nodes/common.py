@@ -339,14 +339,14 @@ def available_memory(device: torch.device) -> Optional[int]:
         return None
 
 
-def ensure_memory(need: int, what: str, advice: str, device: Optional[torch.device] = None,
-                  weights: int = 0) -> None:
-    """Before a large job: refuse it clearly if its estimated activations (``need``) plus the ``weights`` still
-    to be moved to ``device`` cannot fit, after asking ComfyUI to unload other models on a GPU."""
+def ensure_memory(need: int, what: str, advice: str, device: Optional[torch.device] = None) -> None:
+    """Before a large job on a model ComfyUI already loaded: refuse it clearly if its estimated activations
+    (``need``) cannot fit on ``device``, after asking ComfyUI to unload other models on a GPU. (The pack's own
+    models go through :func:`load_models`.)"""
     from ..jointcore.runtime.memory import require_memory
 
     dev = device or torch_device()
-    total = int(need) + int(weights)
+    total = int(need)
     avail = available_memory(dev)
     if dev.type != "cpu" and avail is not None and total > avail:
         import comfy.model_management as mm
@@ -378,14 +378,13 @@ def make_patcher(name: str, **modules: torch.nn.Module):
     """A ComfyUI ``ModelPatcher`` owning ``modules`` (left where they are, normally the offload device): loaded
     to the compute device by :func:`running` through ``comfy.model_management.load_models_gpu``, kept there
     between runs while memory allows, unloaded by ComfyUI (``/free``, "Unload models", another model's demand)."""
-    import comfy.model_management as mm
     import comfy.model_patcher
 
     from ..jointcore.runtime.memory import module_bytes
 
     held = PackModels(name, **modules)
-    return comfy.model_patcher.ModelPatcher(held, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device(), size=module_bytes(held))
+    return comfy.model_patcher.ModelPatcher(held, load_device=torch_device(), offload_device=offload_device(),
+                                            size=module_bytes(held))
 
 
 def _not_loaded_bytes(patchers) -> int:
@@ -399,10 +398,11 @@ def _not_loaded_bytes(patchers) -> int:
     return sum(p.model_size() for p in patchers if id(p) not in loaded or not on_device(p))
 
 
-def load_models(patchers, need: int, what: str, advice: str) -> None:
+def load_models(patchers, need: int, what: str, advice: str) -> list:
     """Make room for and load ``patchers`` with ComfyUI (``load_models_gpu`` with the job's activation estimate
     ``need`` as its memory requirement, fully: the pack's layers have no ComfyUI weight casting), after refusing
-    clearly a job that cannot fit (before anything moves), and again if, once loaded, too little is left."""
+    clearly a job that cannot fit (before anything moves), and again if, once loaded, too little is left.
+    Returns the patchers loaded (``None`` entries — no model — left out)."""
     import inspect
 
     import comfy.model_management as mm
@@ -427,6 +427,7 @@ def load_models(patchers, need: int, what: str, advice: str) -> None:
         for p in patchers:
             _complete_partial_load(p)
     require_memory(int(need), available_memory(dev), what, advice)
+    return patchers
 
 
 def _complete_partial_load(patcher) -> None:
@@ -461,8 +462,7 @@ def running(patchers, need: int, what: str, advice: str):
     unloads them when it needs the memory."""
     from ..jointcore.runtime.interrupt import interruptible
 
-    patchers = [p for p in patchers if p is not None]
-    load_models(patchers, need, what, advice)
+    patchers = load_models(patchers, need, what, advice)
     with interruptible(interrupt_check, *(p.model for p in patchers)):
         yield
 

@@ -17,7 +17,7 @@ import torch
 
 from ..jointcore import diff2in1 as D
 from ..jointcore import mt_diffusion as MT
-from ..jointcore.denoiser import NonFiniteOutputError, non_finite_message
+from ..jointcore.denoiser import require_finite_output
 from .comfy_denoiser import ComfyRun, make_ksampler, no_steps
 from .common import (CATEGORY, add_tooltips, bchw_to_image, checked_inputs, image_to_bchw, list_model_dirs,
                      make_patcher, progress, register_model_folder, resolve_model_dir, running, torch_device)
@@ -89,9 +89,7 @@ class _Bundle:
                        "Lower the resolution input (512 is what the heads are trained at).")
 
     def check_finite(self, out: torch.Tensor) -> None:
-        if not bool(torch.isfinite(out).all()):
-            raise NonFiniteOutputError(non_finite_message(f"Diff-2-in-1 ({self.names[1]})",
-                                                          next(self.unet.parameters()).dtype))
+        require_finite_output(out, f"Diff-2-in-1 ({self.names[1]})", next(self.unet.parameters()).dtype)
 
 
 class JDDiff2in1Loader:

@@ -21,7 +21,7 @@ import folder_paths
 
 from ..jointcore import predictor as JP
 from ..jointcore import predictor_vis as V
-from ..jointcore.denoiser import NonFiniteOutputError, non_finite_message
+from ..jointcore.denoiser import require_finite_output
 from .common import (CATEGORY, add_tooltips, auto_dtype, bchw_to_image, checked_inputs, image_to_bchw,
                      list_model_dirs, make_patcher, progress, register_model_folder, resolve_model_dir, running,
                      tag_depth)
@@ -138,9 +138,7 @@ class JDDepthNormalPredict:
                 steps=settings["steps"], ensemble_size=ensemble_size, seed=seed, spacing=settings["spacing"],
                 normalisation=normalisation, reduction=ensemble_reduction if task == "depth" else normals_reduction,
                 preprocessing=preprocessing, init=init, callback=lambda done, total: cb())
-        if not bool(torch.isfinite(out.prediction).all()):
-            raise NonFiniteOutputError(non_finite_message("the depth/normals predictor",
-                                                          next(predictor.unet.parameters()).dtype))
+        require_finite_output(out.prediction, "the depth/normals predictor", next(predictor.unet.parameters()).dtype)
         data = out.prediction.float().cpu()
         vis = data if task == "depth" else V.normals_to_rgb(data)
         unc = (out.uncertainty.float().cpu() if out.uncertainty is not None
