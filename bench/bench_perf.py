@@ -43,14 +43,6 @@ def median(xs):
 
 # ---- mesh --------------------------------------------------------------------------------------------------
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _mesh_worker(size: str, formats: list[str]) -> None:
     """One size in this (fresh) process: build once per format, write, report times and peak RSS growth."""
     import resource
@@ -59,6 +51,7 @@ def _mesh_worker(size: str, formats: list[str]) -> None:
 
     from bench_mesh import scene
     from jointcore import mesh as M
+    from jointcore.runtime.memory import process_memory, reset_peak_memory
 
     w, h = (int(v) for v in size.split("x"))
     img, disp = scene(h, w, torch.Generator().manual_seed(0))
@@ -71,12 +64,7 @@ def _mesh_worker(size: str, formats: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:  # warm-up: imports, first allocations, the thread pool
             M.export_mesh(build(small_img, small_disp), os.path.join(tmp, "warm"), fmt)
-        try:  # peak RSS from here on (Linux: writing 5 to clear_refs resets VmHWM)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        base = _status_bytes("VmRSS")
+        base = reset_peak_memory()  # peak RSS from here on
         for fmt in formats:
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             mesh = build(img, disp)
@@ -87,7 +75,7 @@ def _mesh_worker(size: str, formats: list[str]) -> None:
                         "sys": r1.ru_stime - r0.ru_stime, "mib": os.path.getsize(path) / 2**20}
             del mesh
             os.remove(path)
-        out["peak_bytes"] = _status_bytes("VmHWM") - base
+        out["peak_bytes"] = process_memory("VmHWM") - base
     print(json.dumps(out))
 
 

@@ -137,3 +137,27 @@ def require_memory(need: int, available: int | None, what: str, advice: str) -> 
     if available is not None and need > available:
         raise MemoryError(f"{what} needs about {gib(need)} of memory for its activations; {gib(available)} is "
                           f"available. {advice}")
+
+
+def process_memory(field: str = "VmRSS") -> int:
+    """Bytes of this process's ``field`` in ``/proc/self/status`` (``VmRSS`` now, ``VmHWM`` its peak); 0 where
+    the file does not exist (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_memory() -> int:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux: ``clear_refs`` 5) and return that RSS
+    in bytes, so that ``process_memory("VmHWM")`` afterwards is the peak from here on."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return process_memory("VmRSS")

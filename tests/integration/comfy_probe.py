@@ -319,23 +319,6 @@ def models_check():
     print(json.dumps(out))
 
 
-def _peak_rss_reset() -> int:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status_kib("VmRSS")
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    return 0
-
-
 def realsize_check():
     import gc
     import shutil
@@ -349,6 +332,7 @@ def realsize_check():
     import folder_paths
 
     sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
+    from jointcore.runtime.memory import process_memory, reset_peak_memory
     from predictor_ckpt import save_checkpoint, tiny_clip_tokenizer
 
     parts = os.environ.get("JD_REAL_PARTS", "jointnet,predictor,sd15").split(",")
@@ -366,11 +350,11 @@ def realsize_check():
     def cond(width, seed=0):
         return [[torch.randn(1, 77, width, generator=torch.Generator().manual_seed(seed)), {}]]
 
-    def finish(name, t0, base_kib, **kw):
+    def finish(name, t0, base, **kw):
         out[name] = {"seconds": round(time.perf_counter() - t0, 1),  # building and saving included
                      # the process's peak RSS while loading and running (ComfyUI itself included), and before
-                     "load_and_run_peak_rss_gib": round(_status_kib("VmHWM") / 2**20, 2),
-                     "rss_before_load_gib": round(base_kib / 2**20, 2), **kw}
+                     "load_and_run_peak_rss_gib": round(process_memory("VmHWM") / 2**30, 2),
+                     "rss_before_load_gib": round(base / 2**30, 2), **kw}
         print(name, out[name], file=sys.stderr, flush=True)
         mm.unload_all_models()
         gc.collect()
@@ -394,7 +378,7 @@ def realsize_check():
                 json.dump(cfg, f)
         folder_paths.add_model_folder_path("jointnet", os.path.dirname(folder))
         gc.collect()
-        base = _peak_rss_reset()  # from here: load + run
+        base = reset_peak_memory()  # from here: load + run
         b = N["JDJointNetLoader"]().load("rgbd_inpaint_sd21b", "auto", "epsilon")[0]
         lat = N["JDJointEmptyLatent"]().make(256, 256, 1)[0]
         with torch.inference_mode():
@@ -429,7 +413,7 @@ def realsize_check():
         del unet, vae, te
         folder_paths.add_model_folder_path("jointdiffusion_predictors", os.path.dirname(folder))
         gc.collect()
-        base = _peak_rss_reset()
+        base = reset_peak_memory()
         pred = N["JDPredictorLoader"]().load("marigold-e2e-ft-depth", "auto", True)[0]
         img = torch.rand(1, 192, 256, 3, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
@@ -458,7 +442,7 @@ def realsize_check():
                                os.path.join(root, "sd15.safetensors"))
         shutil.rmtree(os.path.join(root, "sd15"))
         gc.collect()
-        base = _peak_rss_reset()
+        base = reset_peak_memory()
         with torch.inference_mode():
             model, clip = comfy.sd.load_checkpoint_guess_config(ck, output_vae=True, output_clip=True,
                                                                 embedding_directory=None)[:2]

@@ -67,21 +67,18 @@ def _measured_peak(side: int) -> float:
     code = f"""
 import json, sys, torch
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
-import psutil
 from tiny import tiny_unet
 from jointcore.jointnet import JointNet
+from jointcore.runtime.memory import process_memory, reset_peak_memory
 jn = JointNet.from_unet(tiny_unet(block_out_channels=(64, 64))).eval()
 emb = torch.randn(2, 77, 32)
 with torch.no_grad():
     jn(torch.randn(2, 8, 8, 8), torch.tensor([10, 10]), emb)
     x = torch.randn(2, 8, {side}, {side})
     t = torch.tensor([10, 10])
-    rss0 = psutil.Process().memory_info().rss
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
+    rss0 = reset_peak_memory()  # the peak (VmHWM) from here on
     jn(x, t, emb)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024
-print(json.dumps(hwm - rss0))
+print(json.dumps(process_memory("VmHWM") - rss0))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
