@@ -34,6 +34,15 @@ def _has_unet(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "unet"))
 
 
+def _comfy_patcher(pred, name: str):
+    """The ComfyUI ModelPatcher owning ``pred``'s UNet, VAE and text encoder (loaded by JD Predict through
+    load_models_gpu, kept loaded between runs, unloaded by ComfyUI), made once and kept on the predictor (also
+    for a predictor made elsewhere than JD Predictor Loader)."""
+    if getattr(pred, "comfy_patcher", None) is None:
+        pred.comfy_patcher = make_patcher(name, unet=pred.unet, vae=pred.vae, text_encoder=pred.text_encoder)
+    return pred.comfy_patcher
+
+
 class JDPredictorLoader:
     """Load a Marigold / E2E-FT diffusers folder from models/jointdiffusion_predictors/."""
 
@@ -62,10 +71,7 @@ class JDPredictorLoader:
         dt = auto_dtype(dev) if dtype == "auto" else dtype
         vae_dt = "fp32" if (vae_fp32 and dt == "fp16") else dt
         pred = JP.load_predictor(path, dtype=dt, device=mm.unet_offload_device(), vae_dtype=vae_dt)
-        # ComfyUI's ModelPatcher owns the UNet, VAE and text encoder (loaded by JD Predict through
-        # load_models_gpu, kept loaded between runs, unloaded by ComfyUI)
-        pred.comfy_patcher = make_patcher(f"depth/normals predictor {model}", unet=pred.unet, vae=pred.vae,
-                                          text_encoder=pred.text_encoder)
+        _comfy_patcher(pred, f"depth/normals predictor {model}")
         return (pred,)
 
 
@@ -125,11 +131,7 @@ class JDDepthNormalPredict:
         cb = progress(settings["steps"] * int(ensemble_size))
         mm.throw_exception_if_processing_interrupted()
         ph, pw = JP.processing_size(*images.shape[-2:], settings["processing_resolution"])
-        patcher = getattr(predictor, "comfy_patcher", None)
-        if patcher is None:  # a predictor made elsewhere (not by JD Predictor Loader): hand it to ComfyUI now
-            patcher = predictor.comfy_patcher = make_patcher("depth/normals predictor", unet=predictor.unet,
-                                                             vae=predictor.vae, text_encoder=predictor.text_encoder)
-        with running([patcher], predictor.activation_bytes(images.shape[0], ph, pw),
+        with running([_comfy_patcher(predictor, "depth/normals predictor")], predictor.activation_bytes(images.shape[0], ph, pw),
                      f"depth/normals prediction of {images.shape[0]} image(s) at {pw}×{ph} px",
                      "Lower processing_resolution (768 is the checkpoints' default) or predict fewer images at "
                      "once."):
