@@ -230,10 +230,10 @@ def sync_part(args) -> None:
     print(f"  batched / MultiDiffusion: {m['batched'] / m['multidiffusion']:.2f}; official / MultiDiffusion: "
           f"{m['official'] / m['multidiffusion']:.2f}")
     if args.real_size:
-        real_size_sync(args, setup, run, perc, st)
+        real_size_sync(args, setup, run, perc)
 
 
-def real_size_sync(args, setup, run, perc, _st) -> None:
+def real_size_sync(args, setup, run, perc) -> None:
     import torch
 
     from jointcore.schedules import ddim_timesteps
