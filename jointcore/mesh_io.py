@@ -13,7 +13,6 @@ texture as an embedded PNG), indices uint32. One primitive, one node, one scene.
 """
 from __future__ import annotations
 
-import io
 import json
 import struct
 from typing import Callable, Optional
@@ -143,13 +142,6 @@ def write_glb(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.
     return total
 
 
-def glb_bytes(*args, **kwargs) -> bytes:
-    """:func:`write_glb` into memory."""
-    buf = io.BytesIO()
-    write_glb(buf, *args, **kwargs)
-    return buf.getvalue()
-
-
 def write_ply(fh, vertices: np.ndarray, faces: Optional[np.ndarray] = None, normals: Optional[np.ndarray] = None,
               colors: Optional[np.ndarray] = None, check: Optional[Callable[[], None]] = None) -> None:
     """Write a binary little-endian PLY of a mesh (``faces``) or a point cloud (``faces`` None) to ``fh``:
@@ -194,13 +186,6 @@ def write_ply(fh, vertices: np.ndarray, faces: Optional[np.ndarray] = None, norm
             frec["n"] = 3
             frec["i"] = f[a:a + BLOCK]
             fh.write(frec.view(np.uint8))
-
-
-def ply_bytes(*args, **kwargs) -> bytes:
-    """:func:`write_ply` into memory."""
-    buf = io.BytesIO()
-    write_ply(buf, *args, **kwargs)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------
