@@ -19,6 +19,7 @@ CAPABILITIES = {
     "predictor": "diffusers, transformers and kornia (pip install -r requirements.txt)",
     "panorama": "diffusers and lpips (pip install -r requirements.txt)",
     "panorama_view": "the pack's requirements (pip install -r requirements.txt)",
+    "pano_depth": "diffusers, transformers and kornia (pip install -r requirements.txt)",
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

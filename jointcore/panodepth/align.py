@@ -59,6 +59,7 @@ class Alignment:
     isolated: list
     view_residual: Optional[torch.Tensor] = None
     trim_threshold: float = float("nan")
+    iterations: int = 0
 
 
 def view_coefficients(p: torch.Tensor, cos: torch.Tensor, convention: str = "depth") -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,18 +82,19 @@ def common_quantity(p: torch.Tensor, cos: torch.Tensor, scale, shift, convention
 
 
 def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, robust: bool = True,
-                    trim: float = 3.0, min_outlier: float = 0.02, iterations: int = 100, tol: float = 1e-7, reference: Optional[int] = None,
-                    init_shift: float = 1.0, spread: bool = True, ridge: float = 1e-9,
-                    max_equations: int = 1 << 20) -> Alignment:
+                    trim: float = 3.0, min_outlier: float = 0.02, iterations: int = 100, tol: float = 1e-5,
+                    reference: Optional[int] = None, init_shift: float = 1.0, spread: bool = True,
+                    ridge: float = 1e-9, max_equations: int = 1 << 20) -> Alignment:
     """Solve the per-view ``(scale, shift)`` from ``a, b [V, N]`` (:func:`view_coefficients` of every view at
     ``N`` panorama pixels) and ``weight [V, N]`` (> 0 where the view sees the pixel; its blending taper).
 
     ``trim``: with ``robust``, equations beyond this many robust standard deviations are dropped after the
     first convergence (never those within ``min_outlier``, a relative disagreement that is no outlier);
-    ``iterations``/``tol``: the IRLS loop; ``reference``: the view whose scale the result is expressed in (default: the one with the
-    largest total overlap weight); ``init_shift``: the shift of every view before the first iteration (the normalised
-    predictions lie in [0, 1], so 1 keeps every initial estimate positive); ``max_equations``: pixels of a pair
-    beyond this many in all are subsampled evenly.
+    ``iterations``/``tol``: the IRLS loop (stops when no parameter moves by more than ``tol`` of the largest
+    scale); ``reference``: the view whose scale the result is expressed in (default: the most-overlapping view
+    whose prediction is not flat); ``init_shift``: every view's shift before the first iteration (the
+    normalised predictions lie in [0, 1], so 1 keeps every initial estimate positive); ``max_equations``:
+    pixels of a pair beyond this many in all are subsampled evenly.
     """
     a, b, weight = a.double(), b.double(), weight.double()
     V, N = a.shape
@@ -153,7 +155,9 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
     Li = torch.linalg.inv(torch.linalg.cholesky(Sa))
     resid, tau = float("nan"), float("nan")
     warm = False        # outliers are judged from the converged least-squares solution, then re-solved
+    done = 0
     for _ in range(max(1, int(iterations))):
+        done += 1
         qi = scale[I] * AI + shift[I] * BI
         qj = scale[J] * AJ + shift[J] * BJ
         qhat = (0.5 * (qi + qj)).abs().clamp_min(1e-9)
@@ -176,7 +180,7 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
         new_s, new_t = scale.clone(), shift.clone()
         for n, k in enumerate(act):
             (new_s if k % 2 == 0 else new_t)[k // 2] = x[n]
-        change = float(torch.cat([new_s - scale, new_t - shift]).abs().max())
+        change = float(torch.cat([new_s - scale, new_t - shift]).abs().max()) / max(float(new_s.abs().max()), 1e-12)
         scale, shift = new_s, new_t
         if change < tol:
             if robust and not warm:
@@ -196,4 +200,4 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
         conn = torch.tensor(connected)
         scale[isolated] = scale[conn].median()
         shift[isolated] = shift[conn].median()
-    return Alignment(scale, shift, ref, len(pairs), total, resid, isolated, vr2.sqrt(), tau)
+    return Alignment(scale, shift, ref, len(pairs), total, resid, isolated, vr2.sqrt(), tau, done)

@@ -100,7 +100,7 @@ def predict_panorama(
     convention: str = "depth",
     robust: bool = True,
     trim: float = 3.0,
-    align_pixels: int = 1 << 15,
+    align_pixels: int = 1 << 13,
     sync: str = "none",
     seed: int = 0,
     latent_shape: Optional[Callable[[int, int], tuple]] = None,

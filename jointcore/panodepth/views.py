@@ -141,7 +141,7 @@ class View:
     def __post_init__(self):
         if not (1.0 <= float(self.fov_deg) <= 170.0):
             raise ValueError(f"view field of view must be in [1, 170] degrees, got {self.fov_deg}")
-        if self.height < 2 or self.width < 2:
+        if self.height < 1 or self.width < 1:
             raise ValueError(f"view of {self.width}×{self.height} px is too small")
 
     @property
@@ -193,8 +193,8 @@ class View:
     def taper(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Blending weight of pixel coordinates: ``(1 − |x̂|)(1 − |ŷ|)`` with ``x̂, ŷ ∈ [−1, 1]`` across the
         image — 1 at the centre, falling to 0 at the borders."""
-        xn = (2 * x / (self.width - 1) - 1).abs()
-        yn = (2 * y / (self.height - 1) - 1).abs()
+        xn = (2 * x / max(self.width - 1, 1) - 1).abs()
+        yn = (2 * y / max(self.height - 1, 1) - 1).abs()
         return ((1 - xn).clamp(0, 1) * (1 - yn).clamp(0, 1))
 
 

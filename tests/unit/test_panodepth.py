@@ -8,7 +8,7 @@ import torch
 
 from jointcore.data import world as W
 from jointcore.panodepth import (METHODS, PanoGrid, make_views, pano_to_view, predict_panorama, shared_noise,
-                                 solve_alignment, view_coefficients, view_on_pano)
+                                 view_on_pano)
 from jointcore.panodepth import evaluate as E
 
 SEED = W.HELDOUT_SEEDS.start + 7
