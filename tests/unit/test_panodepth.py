@@ -235,3 +235,34 @@ def test_metrics_are_zero_for_the_truth_and_see_a_seam(equirect):
     assert E.jump_error(stepped, gt, seam) > 5 * E.jump_error(stepped, gt, interior)
     n = equirect["normals"][0]
     assert E.normal_error(n, n) < 0.1 and abs(E.normal_error(-n, n) - 180) < 0.1
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+def test_cli_writes_depth_and_normals_for_a_folder_and_keeps_existing_files(tmp_path, equirect):
+    import numpy as np
+    from PIL import Image
+
+    from jointcore.panodepth import cli
+    from predictor_ckpt import make_checkpoint
+
+    ckpt, _ = make_checkpoint(str(tmp_path / "tiny-e2e"))
+    src = tmp_path / "panos"
+    src.mkdir()
+    rgb = (equirect["rgb"][0].permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).byte().numpy()
+    Image.fromarray(rgb).save(src / "room.png")
+    out = tmp_path / "out"
+    args = ["--input", str(src), "--output", str(out), "--model", ckpt, "--normals-model", ckpt, "--view-size", "16"]
+    assert cli.main(args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["room_depth.png", "room_distance.npy", "room_normals.npy", "room_normals.png"]
+    d = np.asarray(Image.open(out / "room_depth.png"))
+    assert d.shape == (64, 128) and d.dtype in (np.uint16, np.int32) and d.max() == 65535
+    dist = np.load(out / "room_distance.npy")
+    assert dist.shape == (64, 128) and dist.dtype == np.float32 and np.isfinite(dist).any()   # NaN: no view says
+    assert np.load(out / "room_normals.npy").shape == (64, 128, 3)
+    before = (out / "room_depth.png").read_bytes()
+    assert cli.main(args) == 2 and (out / "room_depth.png").read_bytes() == before   # nothing overwritten
+    assert cli.main(args + ["--overwrite"]) == 0
+    Image.fromarray(rgb[:, :100]).save(src / "narrow.png")
+    assert cli.main(args + ["--overwrite"]) == 2                                   # not 2:1: a clear error
+    assert not list(out.glob("*.part"))
