@@ -162,11 +162,13 @@ from jointcore.family.report_dense import section_diff2in1, section_jointnet, se
 from jointcore.family.report_misc import (section_mesh, section_mt_restoration, section_quantization,  # noqa: E402
                                           section_shipped)
 from jointcore.family.report_pano import section_panorama  # noqa: E402
+from jointcore.panodepth.evaluate import section_pano360  # noqa: E402
 
 SECTIONS: dict[str, Callable[[Ctx], tuple[str, dict]]] = {
     "vae": section_vae, "t2i": section_t2i, "predictor": section_predictor, "jointnet": section_jointnet,
     "diff2in1": section_diff2in1, "panorama": section_panorama, "mt_restoration": section_mt_restoration,
-    "mesh": section_mesh, "quantization": section_quantization, "shipped": section_shipped}
+    "mesh": section_mesh, "quantization": section_quantization, "shipped": section_shipped,
+    "pano360": section_pano360}
 
 
 def _steps(args: Sequence[str], flag: str) -> int:
@@ -204,7 +206,8 @@ SECTION_DEPS = {"vae": ("base",), "t2i": ("base",), "predictor": ("marigold_dept
                 "predictor_normals"), "jointnet": ("base", "jointnet", "jointnet_inpaint", "predictor_depth"),
                 "diff2in1": ("base", "diff2in1"), "panorama": ("base",), "mt_restoration": ("base",),
                 "mesh": ("predictor_depth",), "quantization": ("base", "predictor_depth"),
-                "shipped": ("base", "predictor_depth", "predictor_normals", "jointnet", "jointnet_inpaint")}
+                "shipped": ("base", "predictor_depth", "predictor_normals", "jointnet", "jointnet_inpaint"),
+                "pano360": ("predictor_depth", "predictor_normals")}
 
 
 def _fingerprint(cache: Path, folders: Optional[Sequence[str]] = None) -> dict:

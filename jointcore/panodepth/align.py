@@ -21,18 +21,18 @@ overlap), whose scale is then 1.
 Each equation is weighted by the product of the two views' blending tapers (predictions near a view's border
 count less) and by ``1/q̂²`` (so residuals are relative), re-estimated until the solution settles (IRLS).
 
-Pairwise agreement alone has a cheap wrong answer: flatten every view (scale → 0) and the views agree about
-an almost constant panorama. Measured on the procedural world, the true parameters cost *more* agreement
-error than a flat panorama when the per-view predictions have the errors a real predictor makes. So the
-solver minimises the disagreement **relative to the spread** of all estimates around their common mean,
-``min xᵀMx / xᵀSx`` (a generalised eigenproblem; the idea of Marigold's ensembling, whose regulariser keeps
-the merged depth's range) — flattening now costs everything. ``spread=False`` gives the plain constrained
-least squares (``min xᵀMx`` subject to ``g·x = 1``).
-
 Robustness: once the solution has settled, equations whose relative residual lies beyond ``trim`` robust
-standard deviations (1.4826 × the median absolute residual; never below 2 %) are left out and the problem is solved again
-(trimmed least squares). Down-weighting instead (Huber) interacts badly with the ratio objective: a capped
-penalty lets a view buy spread by exaggerating itself.
+standard deviations (1.4826 × the median absolute residual; never below 2 %) are left out and the problem is
+solved again (trimmed least squares).
+
+What this does not fix: a view the predictor gets wrong as a whole. Measured on the procedural world with the
+default family's predictor (``docs/quality.md``), views tilted up at the ceiling come out nearly upside down
+(their best affine fit to the truth has a negative scale), and least squares then prefers flatter views
+everywhere (the true parameters disagree more in the overlaps than flattened ones). Two remedies were tried
+and rejected, measured on held-out scenes: the disagreement relative to the merged result's spread (a
+generalised eigenproblem, as Marigold's ensembling regularises the merged range) — its optimum makes some views
+negative, so most of the panorama gets no positive distance; and rejecting the views with the largest residual
+or a negative scale — it did not pick the inverted views.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def common_quantity(p: torch.Tensor, cos: torch.Tensor, scale, shift, convention
 
 def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, robust: bool = True,
                     trim: float = 3.0, min_outlier: float = 0.02, iterations: int = 100, tol: float = 1e-5,
-                    reference: Optional[int] = None, init_shift: float = 1.0, spread: bool = True,
+                    reference: Optional[int] = None, init_shift: float = 1.0,
                     ridge: float = 1e-9, max_equations: int = 1 << 20) -> Alignment:
     """Solve the per-view ``(scale, shift)`` from ``a, b [V, N]`` (:func:`view_coefficients` of every view at
     ``N`` panorama pixels) and ``weight [V, N]`` (> 0 where the view sees the pixel; its blending taper).
@@ -136,23 +136,12 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
     flat = (cols[:, :, None] * (2 * V) + cols[:, None, :]).reshape(len(I), 16)
     RR = (R[:, :, None] * R[:, None, :]).reshape(len(I), 16)
     act = [k for k in range(2 * V) if (k // 2) in connected]
-    # the weighted mean of every estimate (g·x) and their spread around it, Σ w (e − g)(e − g)ᵀ = D − W g gᵀ
+    # the gauge: the weighted mean of every estimate is 1 (g·x = 1)
     cvec = torch.zeros(2 * V, dtype=torch.float64)
     cvec[0::2] = (a * weight).sum(1)
     cvec[1::2] = (b * weight).sum(1)
     cvec[[2 * v for v in isolated] + [2 * v + 1 for v in isolated]] = 0.0
-    Wtot = float(weight[connected].sum())
     g = cvec / float(cvec[act].sum())
-    S = torch.zeros(2 * V, 2 * V, dtype=torch.float64)
-    for v in connected:
-        wv = weight[v]
-        S[2 * v, 2 * v] = (wv * a[v] * a[v]).sum()
-        S[2 * v, 2 * v + 1] = S[2 * v + 1, 2 * v] = (wv * a[v] * b[v]).sum()
-        S[2 * v + 1, 2 * v + 1] = (wv * b[v] * b[v]).sum()
-    S = S - torch.outer(cvec, cvec) / Wtot
-    Sa = S[act][:, act]
-    Sa = Sa + torch.eye(len(act), dtype=torch.float64) * (1e-9 * float(Sa.diagonal().abs().mean()))
-    Li = torch.linalg.inv(torch.linalg.cholesky(Sa))
     resid, tau = float("nan"), float("nan")
     warm = False        # outliers are judged from the converged least-squares solution, then re-solved
     done = 0
@@ -171,11 +160,7 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
         M.index_add_(0, flat.flatten(), (RR * ww[:, None]).flatten())
         Ma = M.reshape(2 * V, 2 * V)[act][:, act]
         Ma = Ma + torch.eye(len(act), dtype=torch.float64) * (ridge * float(Ma.diagonal().abs().mean()))
-        if spread:      # min xᵀMx / xᵀSx: disagreement relative to the merged result's spread
-            _, evecs = torch.linalg.eigh(Li @ Ma @ Li.T)
-            y = Li.T @ evecs[:, 0]
-        else:           # min xᵀMx subject to gᵀx = 1
-            y = torch.linalg.solve(Ma, g[act])
+        y = torch.linalg.solve(Ma, g[act])                     # min xᵀMx subject to gᵀx = 1
         x = y / (g[act] @ y)
         new_s, new_t = scale.clone(), shift.clone()
         for n, k in enumerate(act):

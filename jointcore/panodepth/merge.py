@@ -100,7 +100,6 @@ def predict_panorama(
     convention: str = "depth",
     robust: bool = True,
     trim: float = 3.0,
-    spread: bool = True,
     align_pixels: int = 1 << 13,
     sync: str = "none",
     seed: int = 0,
@@ -117,7 +116,7 @@ def predict_panorama(
             y up, z towards the viewer), or ``None``.
         method: one of :data:`METHODS` (``layout`` overrides its layout).
         fov_deg, view_size, count: the views (:func:`~.views.make_views`).
-        robust, trim, spread: the alignment's outlier rejection and objective (:func:`~.align.solve_alignment`).
+        robust, trim: the alignment's outlier rejection (:func:`~.align.solve_alignment`).
         align_pixels: the alignment runs on a copy of the grid with about this many pixels.
         sync: ``"none"`` or ``"shared_noise"`` — every view starts from one noise field drawn on the sphere
             (:func:`shared_noise`; needs ``latent_shape(h, w) → (C, h_l, w_l)`` and a ``depth_fn`` that takes
@@ -181,7 +180,7 @@ def predict_panorama(
         for bi in range(B):
             p = torch.stack([pl.sample(vd[vi, bi:bi + 1])[0, 0] for vi, pl in enumerate(places)]).double().flatten(1)
             a, bb = view_coefficients(p, cos, convention)
-            alignments[bi] = solve_alignment(a, bb, wt, robust=robust, trim=trim, spread=spread)
+            alignments[bi] = solve_alignment(a, bb, wt, robust=robust, trim=trim)
             check()
 
     # merge on the full grid, one view at a time
@@ -226,7 +225,7 @@ def predict_panorama(
         nrm = nnum / nnum.norm(dim=1, keepdim=True).clamp_min(1e-12)
         normals = (_tangent(nrm, grid) if cfg["rotate_normals"] else nrm).float()
     settings = {"method": method, "layout": cfg["layout"], "fov_deg": float(fov_deg), "views": V,
-                "view_size": [h, w], "convention": convention, "robust": bool(robust), "spread": bool(spread),
+                "view_size": [h, w], "convention": convention, "robust": bool(robust),
                 "sync": sync}
     return PanoPrediction(dist.float(), depth.float(), normals, rgb, vd, vn, alignments, views, grid, settings)
 

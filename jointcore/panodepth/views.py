@@ -264,7 +264,8 @@ def make_views(grid: PanoGrid, layout: str = "cube+seams", fov_deg: float = 90.0
     """The views of ``layout`` for ``grid``, each ``view_size`` px wide (0 = :func:`auto_view_size`).
 
     Cylindrical panoramas get level views (``ring``; ``count`` 0 = enough for half-overlapping neighbours over the
-    span) as tall as the cylinder at the view centre, so no view looks past its top or bottom edge.
+    span) as tall as the cylinder at the view centre, rounded up to 8 px (the few rows past its top and bottom
+    edge repeat the edge row), so every panorama row is seen.
     """
     w = int(view_size) or auto_view_size(grid, fov_deg)
     if grid.kind == "cylindrical":
@@ -275,7 +276,7 @@ def make_views(grid: PanoGrid, layout: str = "cube+seams", fov_deg: float = 90.0
         n = int(count) or max(1, math.ceil((span if grid.wraps else max(span - fov_deg, 0.0)) / step) +
                               (0 if grid.wraps else 1))
         f = w / (2 * math.tan(math.radians(fov_deg) / 2))
-        h = max(8, min(2 * w, int(2 * f * grid.max_tan_elevation) // 8 * 8))
+        h = max(8, min(2 * w, -(-math.ceil(2 * f * grid.max_tan_elevation) // 8) * 8))
         if grid.wraps:
             az = [-180.0 + (k + 0.5) * 360.0 / n for k in range(n)]
         else:

@@ -94,13 +94,14 @@ def test_views_read_the_panorama_as_the_world_renders_them(scene):
         assert float(rel.median()) < 0.005 and float(rel.quantile(0.9)) < 0.02, (v, float(rel.median()))
 
 
-def test_cylindrical_views_stay_inside_the_cylinder(scene):
+def test_cylindrical_views_cover_the_cylinder_and_barely_look_past_it(scene):
     grid = PanoGrid("cylindrical", 64, 256)          # 360°, square pixels: ±38° of elevation
     views = make_views(grid, "ring", 90, 32)
     assert len(views) == 8 and all(v.height <= grid.width for v in views)
-    for v in views:
-        u, vv, inside = grid.pixel_coords(v.directions())
-        assert inside.all(), v
+    outside = [1 - float(grid.pixel_coords(v.directions())[2].double().mean()) for v in views]
+    assert max(outside) < 0.15, outside                  # only the rounding to 8 px looks past the edges
+    cover = sum(view_on_pano(grid, v).inside.int() for v in views)
+    assert int(cover.min()) >= 1
     cyl = W.render([scene], W.cylindrical(64, 256, scene.pano_position, yaw_deg=scene.pano_yaw_deg))
     direct = render_views(scene, views)
     got = pano_to_view(cyl["distance"], grid, views[3])[0, 0]
