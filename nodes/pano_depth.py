@@ -135,7 +135,8 @@ class JDPanoramaDepth:
                 tag_depth(bchw_to_image(vdep.expand(-1, 3, -1, -1)), "depth"), raw)
 
 
-NODE_CLASS_MAPPINGS = checked_inputs({"JDPanoramaDepth": JDPanoramaDepth})
+NODE_CLASS_MAPPINGS = {"JDPanoramaDepth": JDPanoramaDepth}
+checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {"JDPanoramaDepth": "360° Depth & Normals (JointDiffusion)"}
 
 _VIEWS = "views of the panorama"
