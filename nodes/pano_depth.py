@@ -53,6 +53,7 @@ class JDPanoramaDepth:
             "robust": ("BOOLEAN", {"default": True}),
             "init": (list(JP.INITS), {"default": "zeros"}),
             "sync": (list(PD.SYNC), {"default": "none"}),
+            "upward_views": (["auto", "upside down", "as they are"], {"default": "auto"}),
         }}
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE", "IMAGE", "JD_RAW")
@@ -65,7 +66,8 @@ class JDPanoramaDepth:
                    "Wire depth into RGBD to Mesh with the same projection and near 0, far 1.")
 
     def predict(self, predictor, image, projection, horizontal_span_deg, method, fov_deg, view_size, seed,
-                normals_predictor=None, layout="auto", views=0, robust=True, init="zeros", sync="none"):
+                normals_predictor=None, layout="auto", views=0, robust=True, init="zeros", sync="none",
+                upward_views="auto"):
         pano = image_to_bchw(image)
         B, _, H, W = pano.shape
         try:
@@ -118,6 +120,7 @@ class JDPanoramaDepth:
                                       method=m, layout=lay, fov_deg=fov_deg, view_size=size, count=views,
                                       convention=conv, robust=robust, sync=sync, seed=seed,
                                       latent_shape=latent_shape, batch=len(vlist),
+                                      turn_upward={"upside down": True, "as they are": False}.get(upward_views),
                                       check=mm.throw_exception_if_processing_interrupted)
         require_finite_output(res.view_depth, "the depth predictor", next(predictor.unet.parameters()).dtype)
         depth01 = PD.normalised_depth_image(res.depth)
@@ -163,6 +166,9 @@ add_tooltips(NODE_CLASS_MAPPINGS, {
     "robust": "leave out overlap pixels whose disagreement is beyond 3 robust standard deviations, then solve "
               "again",
     "init": "each view's initial latent: zeros (E2E-FT, deterministic) or gaussian (Marigold checkpoints)",
+    "upward_views": "views looking up at the ceiling or sky are shown to the predictor upside down and turned back "
+                    "(predictors learn 'lower in the picture = nearer' from views of the ground); auto = the "
+                    "method's choice (upside down for aligned)",
     "sync": "shared_noise: with init gaussian, every view starts from one noise field drawn on the sphere, so "
             "overlapping views share their noise where they overlap",
 }, {

@@ -28,11 +28,12 @@ solved again (trimmed least squares).
 What this does not fix: a view the predictor gets wrong as a whole. Measured on the procedural world with the
 default family's predictor (``docs/quality.md``), views tilted up at the ceiling come out nearly upside down
 (their best affine fit to the truth has a negative scale), and least squares then prefers flatter views
-everywhere (the true parameters disagree more in the overlaps than flattened ones). Two remedies were tried
-and rejected, measured on held-out scenes: the disagreement relative to the merged result's spread (a
-generalised eigenproblem, as Marigold's ensembling regularises the merged range) — its optimum makes some views
-negative, so most of the panorama gets no positive distance; and rejecting the views with the largest residual
-or a negative scale — it did not pick the inverted views.
+everywhere (the true parameters disagree more in the overlaps than flattened ones). The pipeline therefore shows
+such views to the predictor upside down (:func:`~.merge.predict_panorama`, ``turn_upward``). Two remedies
+inside the solver were tried and rejected, measured on held-out scenes: the disagreement relative to the merged
+result's spread (a generalised eigenproblem, as Marigold's ensembling regularises the merged range) — its
+optimum makes some views negative, so most of the panorama gets no positive distance; and rejecting the views
+with the largest residual or a negative scale — it did not pick the inverted views.
 """
 from __future__ import annotations
 

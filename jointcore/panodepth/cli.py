@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pixels per view side (0 = the checkpoint's processing resolution, else the panorama's)")
     ap.add_argument("--layout", choices=["auto"] + [x for x in LAYOUTS if x != "ring"], default="auto")
     ap.add_argument("--views", type=int, default=0, help="views for --layout fibonacci / the cylinder's ring")
+    ap.add_argument("--upward-views", choices=["auto", "upside-down", "as-is"], default="auto",
+                    help="show views looking up to the predictor upside down (auto: the method's choice)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return ap
@@ -141,7 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         size = a.view_size or (int(res_) // 8 * 8 if res_ else auto_view_size(grid, a.fov))
         res = predict_panorama(pano, grid, depth_fn, normals_fn if pn is not None else None, method=a.method,
                                layout=None if a.layout == "auto" else a.layout, fov_deg=a.fov, view_size=size,
-                               count=a.views, convention=conv)
+                               count=a.views, convention=conv,
+                               turn_upward={"upside-down": True, "as-is": False}.get(a.upward_views))
         paths = outputs_for(out, f.stem, pn is not None)
         d01 = normalised_depth_image(res.depth)[0]
         _atomic(paths[0], lambda p: write_png16(str(p), to_uint16(d01)))

@@ -9,7 +9,8 @@ a view straddling the seam contributes to both ends of the image.
 
 Three named methods (:data:`METHODS`) are the report's comparison (``docs/quality.md``):
 
-* ``aligned`` (ours): 18 views (``cube+seams``), joint robust alignment, tapered blending, rotated normals;
+* ``aligned`` (ours): 18 views (``cube+seams``), views looking up shown to the predictor upside down, joint
+  robust alignment, tapered blending, rotated normals;
 * ``views12``: the 12-view merge that ignores each view's scale — icosahedron views, each prediction taken
   as it comes (scale 1, shift 0), tapered blending, rotated normals;
 * ``naive``: per-view stitching — the six cube faces pasted (each pixel from the view whose centre is
@@ -28,9 +29,10 @@ from .align import common_quantity, solve_alignment, view_coefficients
 from .views import PanoGrid, View, make_views, pano_to_view, view_on_pano, views_on_pano
 
 METHODS = {
-    "aligned": {"layout": "cube+seams", "align": True, "blend": "taper", "rotate_normals": True},
-    "views12": {"layout": "icosahedron", "align": False, "blend": "taper", "rotate_normals": True},
-    "naive": {"layout": "cube", "align": False, "blend": "nearest", "rotate_normals": False},
+    "aligned": {"layout": "cube+seams", "align": True, "blend": "taper", "rotate_normals": True, "turn_upward": True},
+    "views12": {"layout": "icosahedron", "align": False, "blend": "taper", "rotate_normals": True,
+                "turn_upward": False},
+    "naive": {"layout": "cube", "align": False, "blend": "nearest", "rotate_normals": False, "turn_upward": False},
 }
 SYNC = ("none", "shared_noise")
 
@@ -100,6 +102,7 @@ def predict_panorama(
     convention: str = "depth",
     robust: bool = True,
     trim: float = 3.0,
+    turn_upward: Optional[bool] = None,
     align_pixels: int = 1 << 13,
     sync: str = "none",
     seed: int = 0,
@@ -118,6 +121,10 @@ def predict_panorama(
         fov_deg, view_size, count: the views (:func:`~.views.make_views`).
         robust, trim: the alignment's outlier rejection (:func:`~.align.solve_alignment`).
         align_pixels: the alignment runs on a copy of the grid with about this many pixels.
+        turn_upward: (default: the method's; on for ``aligned``) show views that look up (elevation between 0 and 89°) to the predictors upside down and
+            turn their predictions back (normals: x and y negated). Predictors learn from pictures taken at
+            or below the horizon that lower in the picture is nearer; a view of the ceiling has it the other
+            way round. Measured on the default family: ``docs/quality.md``.
         sync: ``"none"`` or ``"shared_noise"`` — every view starts from one noise field drawn on the sphere
             (:func:`shared_noise`; needs ``latent_shape(h, w) → (C, h_l, w_l)`` and a ``depth_fn`` that takes
             ``latents [N,C,h_l,w_l]``).
@@ -135,6 +142,9 @@ def predict_panorama(
         cfg["layout"] = layout
     if grid.kind == "cylindrical":
         cfg["layout"] = "ring"
+    if turn_upward is not None:
+        cfg["turn_upward"] = bool(turn_upward)
+    turn_upward = cfg["turn_upward"]
     check = check or (lambda: None)
     B = pano.shape[0]
     views = make_views(grid, cfg["layout"], fov_deg, view_size, count)
@@ -150,7 +160,14 @@ def predict_panorama(
         latents = z[:, None].expand(V, B, *z.shape[1:]).reshape(V * B, *z.shape[1:])
     n = int(batch) or V * B
 
-    def run(fn, want_latents):
+    # views looking up (not the zenith) are shown to the predictor upside down: monocular predictors learn
+    # "lower in the picture = nearer" from views of the ground, which a view of the ceiling contradicts
+    up = torch.tensor([turn_upward and 0.0 < v.elevation_deg < 89.0 for v in views for _ in range(B)])
+    if up.any():
+        flat = flat.clone()
+        flat[up] = torch.flip(flat[up], dims=(-2, -1))
+
+    def run(fn, want_latents, normals=False):
         outs = []
         for k in range(0, V * B, n):
             check()
@@ -158,7 +175,12 @@ def predict_panorama(
                 outs.append(fn(flat[k:k + n], latents=latents[k:k + n]).float().cpu())
             else:
                 outs.append(fn(flat[k:k + n]).float().cpu())
-        return torch.cat(outs)
+        out = torch.cat(outs)
+        if up.any():         # turned back; a normal seen upside down has its x and y negated
+            out[up] = torch.flip(out[up], dims=(-2, -1))
+            if normals:
+                out[up, :2] = -out[up, :2]
+        return out
 
     vd = run(depth_fn, True)
     vd = vd.reshape(V, B, 1, *vd.shape[-2:])
@@ -166,7 +188,7 @@ def predict_panorama(
         vd = F.interpolate(vd.flatten(0, 1), size=(h, w), mode="bilinear", align_corners=False).reshape(V, B, 1, h, w)
     vn = None
     if normals_fn is not None:
-        vn = run(normals_fn, False).reshape(V, B, 3, h, w)
+        vn = run(normals_fn, False, normals=True).reshape(V, B, 3, h, w)
     check()
 
     # alignment on a smaller copy of the grid
@@ -225,7 +247,7 @@ def predict_panorama(
         nrm = nnum / nnum.norm(dim=1, keepdim=True).clamp_min(1e-12)
         normals = (_tangent(nrm, grid) if cfg["rotate_normals"] else nrm).float()
     settings = {"method": method, "layout": cfg["layout"], "fov_deg": float(fov_deg), "views": V,
-                "view_size": [h, w], "convention": convention, "robust": bool(robust),
+                "view_size": [h, w], "convention": convention, "robust": bool(robust), "turn_upward": bool(turn_upward),
                 "sync": sync}
     return PanoPrediction(dist.float(), depth.float(), normals, rgb, vd, vn, alignments, views, grid, settings)
 

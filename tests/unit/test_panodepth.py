@@ -128,7 +128,7 @@ def test_alignment_recovers_every_views_scale_and_shift(scene, equirect, convent
     views = make_views(grid, "cube+seams", 90, 32)
     fn = oracle(scene, views, convention)
     out = predict_panorama(equirect["rgb"], grid, fn, method="aligned", fov_deg=90, view_size=32,
-                           convention=convention)
+                           convention=convention, turn_upward=False)     # the oracle ignores the pictures
     r, gt = out.distance[0, 0].double(), equirect["distance"][0, 0].double()
     assert torch.isfinite(r).all()
     k = float((r * gt).sum() / (r * r).sum())                     # up to one scale — no shift left
@@ -145,7 +145,8 @@ def test_trimming_rejects_outlier_patches(scene, equirect):
     gt = equirect["distance"][0, 0]
     err = {}
     for robust in (True, False):
-        out = predict_panorama(equirect["rgb"], grid, fn, method="aligned", fov_deg=90, view_size=32, robust=robust)
+        out = predict_panorama(equirect["rgb"], grid, fn, method="aligned", fov_deg=90, view_size=32, robust=robust,
+                               turn_upward=False)
         err[robust] = fitted_abs_rel(out.distance[0, 0], gt)
         al = out.alignments[0]
         assert math.isnan(al.trim_threshold) != robust
@@ -159,7 +160,7 @@ def test_normals_are_rotated_into_the_panorama(scene, equirect):
         views = make_views(grid, METHODS[method]["layout"], 90, 32)
         fn = oracle(scene, views)
         out = predict_panorama(equirect["rgb"], grid, fn, lambda im: fn.normals, method=method, fov_deg=90,
-                               view_size=32)
+                               view_size=32, turn_upward=False)
         errs[method] = E.normal_error(out.normals[0], equirect["normals"][0])
     assert errs["aligned"] < 3.0 and errs["naive"] > 20.0
     lengths = out.normals.norm(dim=1)
@@ -169,7 +170,8 @@ def test_normals_are_rotated_into_the_panorama(scene, equirect):
 def test_seam_and_poles_are_closed(scene, equirect):
     grid = PanoGrid("equirectangular", 64, 128)
     views = make_views(grid, "cube+seams", 90, 32)
-    out = predict_panorama(equirect["rgb"], grid, oracle(scene, views), method="aligned", fov_deg=90, view_size=32)
+    out = predict_panorama(equirect["rgb"], grid, oracle(scene, views), method="aligned", fov_deg=90, view_size=32,
+                           turn_upward=False)
     r, gt = out.distance[0, 0], equirect["distance"][0, 0]
     seam, interior = E.seam_pairs(grid, 90)
     wrap = seam[(seam[:, 0] % 128 == 127) & (seam[:, 1] % 128 == 0)]
@@ -177,6 +179,36 @@ def test_seam_and_poles_are_closed(scene, equirect):
     assert E.jump_error(r, gt, wrap) < 2 * E.jump_error(r, gt, interior) + 1e-3
     for row in (0, 63):     # a pole row is one point: the same distance all along it
         assert float(r[row].std() / r[row].mean()) < 0.02
+
+
+def test_upward_views_are_predicted_upside_down_and_turned_back(equirect):
+    """Views looking up (not the zenith) reach the predictor rotated by 180°; what it says comes back turned,
+    normals with x and y negated — so a predictor that treats every pixel alike gives the same panorama either
+    way, and one with a "lower = nearer" prior sees the ceiling the way it learnt."""
+    grid = PanoGrid("equirectangular", 64, 128)
+    seen = []
+
+    def per_pixel(images, latents=None):           # depth from brightness: blind to orientation
+        seen.append(images.clone())
+        return images.mean(1, keepdim=True)
+
+    def up_is_far(images):                           # "up" in the picture, for every pixel
+        n = torch.zeros(images.shape[0], 3, *images.shape[-2:])
+        n[:, 1] = 1.0
+        return n
+
+    outs = {t: predict_panorama(equirect["rgb"], grid, per_pixel, up_is_far, view_size=16, turn_upward=t)
+            for t in (True, False)}
+    torch.testing.assert_close(outs[True].distance, outs[False].distance, atol=1e-5, rtol=1e-5)
+    views = outs[True].views
+    up = [i for i, v in enumerate(views) if 0 < v.elevation_deg < 89]
+    assert len(up) == 4                              # the seam views at +45°
+    torch.testing.assert_close(seen[0][up[0]], torch.flip(seen[1][up[0]], dims=(-2, -1)))
+    level = [i for i, v in enumerate(views) if v.elevation_deg == 0][0]
+    torch.testing.assert_close(seen[0][level], seen[1][level])
+    n_t, n_f = outs[True].view_normals, outs[False].view_normals
+    assert torch.equal(n_t[up[0], 0, 1], -n_f[up[0], 0, 1]) and torch.equal(n_t[level], n_f[level])
+    assert outs[True].settings["turn_upward"] and not outs[False].settings["turn_upward"]
 
 
 def test_cylindrical_panorama_end_to_end(scene):
