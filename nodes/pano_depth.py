@@ -20,18 +20,6 @@ METHOD_NAMES = {"aligned (joint scale/shift, 18 views)": "aligned",
                 "naive stitching (6 cube faces)": "naive"}
 
 
-def predictor_convention(pred) -> str:
-    """``depth`` or ``disparity``: what the checkpoint's ``model_index.json`` says it predicts."""
-    kind = str((getattr(pred, "model_index", None) or {}).get("prediction_type", "depth")).lower()
-    return "disparity" if "disparity" in kind else "depth"
-
-
-def default_view_size(pred, grid: PD.PanoGrid, fov_deg: float) -> int:
-    """The checkpoint's processing resolution (what it was trained at), else the panorama's own resolution."""
-    res = (getattr(pred, "model_index", None) or {}).get("default_processing_resolution")
-    return int(res) // 8 * 8 if res else PD.views.auto_view_size(grid, fov_deg)
-
-
 class JDPanoramaDepth:
     """360° depth (and normals) of an equirectangular or cylindrical panorama."""
 
@@ -82,14 +70,14 @@ class JDPanoramaDepth:
             raise ValueError(f"360° Depth: unknown method {method!r}; choose one of {list(METHOD_NAMES)}")
         if layout == "fibonacci" and int(views) < 2:
             raise ValueError("360° Depth: layout 'fibonacci' needs 'views' ≥ 2 (the number of views)")
-        size = int(view_size) or default_view_size(predictor, grid, fov_deg)
+        size = int(view_size) or PD.predictor_view_size(predictor.model_index, grid, fov_deg)
         lay = None if layout == "auto" else layout
         vlist = PD.make_views(grid, "ring" if projection == "cylindrical" else (lay or PD.METHODS[m]["layout"]),
                               fov_deg, size, views)
         n_calls = len(vlist) * B * (2 if normals_predictor is not None else 1)
         cb = progress(n_calls)
         dev = mm.get_torch_device()
-        conv = predictor_convention(predictor)
+        conv = PD.predictor_convention(predictor.model_index)
         preds = [predictor] + ([normals_predictor] if normals_predictor is not None else [])
 
         def depth_fn(images, latents=None):

@@ -8,9 +8,11 @@
 * :mod:`.cli` — folders of panoramas (``python -m jointcore.panodepth``).
 """
 from .align import Alignment, common_quantity, solve_alignment, view_coefficients
-from .merge import METHODS, SYNC, PanoPrediction, normalised_depth_image, predict_panorama, shared_noise
+from .merge import (METHODS, SYNC, PanoPrediction, normalised_depth_image, predict_panorama, predictor_convention,
+                    predictor_view_size, shared_noise)
 from .views import KINDS, LAYOUTS, PanoGrid, View, coverage, layout_angles, make_views, pano_to_view, view_on_pano
 
 __all__ = ["Alignment", "common_quantity", "solve_alignment", "view_coefficients", "METHODS", "SYNC",
-           "PanoPrediction", "normalised_depth_image", "predict_panorama", "shared_noise", "KINDS", "LAYOUTS",
+           "PanoPrediction", "normalised_depth_image", "predict_panorama", "predictor_convention", "predictor_view_size",
+           "shared_noise", "KINDS", "LAYOUTS",
            "PanoGrid", "View", "coverage", "layout_angles", "make_views", "pano_to_view", "view_on_pano"]

@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .merge import METHODS, normalised_depth_image, predict_panorama
-from .views import KINDS, LAYOUTS, PanoGrid, auto_view_size
+from .merge import METHODS, normalised_depth_image, predict_panorama, predictor_convention, predictor_view_size
+from .views import KINDS, LAYOUTS, PanoGrid
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"them", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    conv = "disparity" if "disparity" in str(pd.model_index.get("prediction_type", "depth")) else "depth"
+    conv = predictor_convention(pd.model_index)
 
     def depth_fn(images, latents=None):
         with torch.no_grad():
@@ -139,8 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        res_ = pd.model_index.get("default_processing_resolution")
-        size = a.view_size or (int(res_) // 8 * 8 if res_ else auto_view_size(grid, a.fov))
+        size = a.view_size or predictor_view_size(pd.model_index, grid, a.fov)
         res = predict_panorama(pano, grid, depth_fn, normals_fn if pn is not None else None, method=a.method,
                                layout=None if a.layout == "auto" else a.layout, fov_deg=a.fov, view_size=size,
                                count=a.views, convention=conv,

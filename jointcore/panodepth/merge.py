@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import common_quantity, solve_alignment, view_coefficients
-from .views import PanoGrid, View, make_views, pano_to_view, view_on_pano, views_on_pano
+from .views import PanoGrid, View, auto_view_size, make_views, pano_to_view, view_on_pano, views_on_pano
 
 METHODS = {
     "aligned": {"layout": "cube+seams", "align": True, "blend": "taper", "rotate_normals": True, "turn_upward": True},
@@ -61,6 +61,19 @@ class PanoPrediction:
     views: list
     grid: PanoGrid
     settings: dict = field(default_factory=dict)
+
+
+def predictor_convention(model_index: Optional[dict]) -> str:
+    """``depth`` or ``disparity``: what a checkpoint's ``model_index.json`` says it predicts."""
+    kind = str((model_index or {}).get("prediction_type", "depth")).lower()
+    return "disparity" if "disparity" in kind else "depth"
+
+
+def predictor_view_size(model_index: Optional[dict], grid: PanoGrid, fov_deg: float) -> int:
+    """Views at the checkpoint's processing resolution (what it was trained at), else at the panorama's own
+    angular resolution."""
+    res = (model_index or {}).get("default_processing_resolution")
+    return int(res) // 8 * 8 if res else auto_view_size(grid, fov_deg)
 
 
 def shared_noise(grid: PanoGrid, views: Sequence[View], shape: tuple[int, int, int], seed: int = 0,
