@@ -130,10 +130,11 @@ def predictor_fns(pd, pn, init: str = "zeros", seed: int = 0):
     return depth_fn, (normals_fn if pn is not None else None), latent_shape
 
 
-def oracle_fn(scene, depth_fn, grid: PanoGrid, fov_deg: float, view_size: int):
+def oracle_fn(scene, depth_fn, grid: PanoGrid, fov_deg: float, view_size: int, turned: bool = True):
     """The predictor's views, each mapped by its own least-squares scale and shift onto the truth (the world's
     render of that view): the best any per-view alignment could do with these predictions (a reference, not
-    a method)."""
+    a method). ``turned``: the upward views reach it upside down (as in ``aligned``), so the truth is turned
+    the same way before the fit."""
     from jointcore.data import world as W
 
     views = make_views(grid, "cube+seams", fov_deg, view_size)
@@ -141,6 +142,9 @@ def oracle_fn(scene, depth_fn, grid: PanoGrid, fov_deg: float, view_size: int):
                          [scene.pano_yaw_deg + v.yaw_deg for v in views], [v.pitch_deg for v in views],
                          fov_deg=fov_deg)
     z = W.render([scene] * len(views), cams)["depth"]
+    if turned:
+        up = torch.tensor([0.0 < v.elevation_deg < 89.0 for v in views])
+        z[up] = torch.flip(z[up], dims=(-2, -1))
 
     def fn(images, latents=None):
         p = depth_fn(images, latents)
@@ -157,7 +161,7 @@ def variants() -> dict:
             "ours (joint alignment)": {"method": "aligned"},
             "ours, upward views as they are": {"method": "aligned", "turn_upward": False},
             "12-view merge, upward views upside down": {"method": "views12", "turn_upward": True},
-            "reference: each view fitted to the truth": {"method": "aligned", "oracle": True},
+            "reference: each view fitted to the truth": {"method": "aligned", "oracle": True, "turn_upward": True},
             "ours, Gaussian start per view": {"method": "aligned", "init": "gaussian"},
             "ours, Gaussian start shared on the sphere": {"method": "aligned", "init": "gaussian",
                                                           "sync": "shared_noise"}}
@@ -185,7 +189,7 @@ def measure(models: Path, scenes: int = 50, height: int = 128, fov_deg: float = 
         for name, cfg in runs.items():
             dfn, nfn, lshape = predictor_fns(pd, pn, cfg.get("init", "zeros"), seed=n)
             method = cfg["method"]
-            if cfg.get("oracle"):
+            if cfg.get("oracle"):      # aligned's views and turning, each view fitted to the truth, no solve
                 dfn, method = oracle_fn(sc[0], dfn, grid, fov_deg, view_size), "views12"
             out = predict_panorama(gt["rgb"], grid, dfn, nfn, method=method, fov_deg=fov_deg,
                                    layout="cube+seams" if cfg.get("oracle") else None,
