@@ -466,7 +466,13 @@ def rgbd_to_mesh(
     for i in range(B):  # per batch item, not per pixel
         tick()
         img = image[i].float().cpu()
-        dm = depth_from_map(depth[i].cpu(), depth_kind, scale, shift, near, far)
+        tick()  # every full-size step below is followed by a check: fresh pages of a large image are slow
+        src = depth[i].cpu()
+        dm = torch.empty(src.shape, dtype=torch.float32)
+        rows = max(1, BAND_PIXELS // max(src.shape[-1], 1))
+        for r0 in range(0, src.shape[0], rows):  # in row bands, Cancel between them
+            dm[r0:r0 + rows] = depth_from_map(src[r0:r0 + rows], depth_kind, scale, shift, near, far)
+            tick()
         valid = torch.isfinite(dm)
         if dm.shape != (H, W):
             if not resize_depth:
@@ -477,13 +483,16 @@ def rgbd_to_mesh(
                             tuple(dm.shape), (H, W))
             dm, valid = _resize_masked(dm[None], valid, (H, W), "bilinear")
             dm = dm[0]
-        img = torch.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+        tick()
+        img = torch.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0, 1)
+        tick()
         texture = img
         if (h, w) != (H, W):
             dm, valid = _resize_masked(dm[None], valid, (h, w), "area")
             dm = dm[0]
             img = F.interpolate(img[None], size=(h, w), mode="area")[0]
         valid = valid & torch.isfinite(dm) & (dm > 0)
+        tick()
         dsafe = torch.where(valid, dm, torch.ones_like(dm))
         tick()
 
