@@ -80,31 +80,18 @@ class JDPanoramaDepth:
         conv = PD.predictor_convention(predictor.model_index)
         preds = [predictor] + ([normals_predictor] if normals_predictor is not None else [])
 
-        def depth_fn(images, latents=None):
-            out = predictor.predict(images.to(dev), "depth", processing_resolution=0, steps=0, init=init, seed=seed,
-                                    latents=None if latents is None else latents.to(dev),
-                                    callback=lambda *_: None).prediction
-            for _ in range(images.shape[0]):
+        def advance(n):          # one progress step (and Cancel check) per predicted view
+            for _ in range(n):
                 cb()
-            return out
 
-        def normals_fn(images):
-            out = normals_predictor.predict(images.to(dev), "normals", processing_resolution=0, steps=0,
-                                            callback=lambda *_: None).prediction
-            for _ in range(images.shape[0]):
-                cb()
-            return out
-
-        def latent_shape(h, w):
-            f = predictor.vae_scale_factor
-            return (int(predictor.vae.config.latent_channels), h // f, w // f)
-
+        depth_fn, normals_fn, latent_shape = PD.predictor_fns(predictor, normals_predictor, device=dev, init=init,
+                                                              seed=seed, on_images=advance)
         patchers = list({id(p): _comfy_patcher(p, "depth/normals predictor") for p in preds}.values())
         need = max(p.activation_bytes(len(vlist), vlist[0].height, vlist[0].width) for p in preds)
         with running(patchers, need, f"360° depth of {B} panorama(s), {len(vlist)} views of "
                                      f"{vlist[0].width}×{vlist[0].height} px",
                      "Lower view_size, or choose a layout with fewer views."), torch.no_grad():
-            res = PD.predict_panorama(pano, grid, depth_fn, normals_fn if normals_predictor is not None else None,
+            res = PD.predict_panorama(pano, grid, depth_fn, normals_fn,
                                       method=m, layout=lay, fov_deg=fov_deg, view_size=size, count=views,
                                       convention=conv, robust=robust, sync=sync, seed=seed,
                                       latent_shape=latent_shape, batch=len(vlist),

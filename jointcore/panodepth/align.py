@@ -49,7 +49,8 @@ CONVENTIONS = ("depth", "disparity")
 class Alignment:
     """``scale``, ``shift`` ``[V]`` (float64); ``reference`` view; ``pairs`` overlapping view pairs;
     ``equations`` per iteration; ``residual`` the weighted RMS relative residual of the last iteration;
-    ``isolated`` views with no overlap (given the median parameters)."""
+    ``isolated`` views with no overlap (given the median parameters); ``trim_threshold`` the relative residual
+    beyond which equations were left out (NaN without trimming); ``iterations`` the rounds it took."""
 
     scale: torch.Tensor
     shift: torch.Tensor
@@ -58,7 +59,6 @@ class Alignment:
     equations: int
     residual: float
     isolated: list
-    view_residual: Optional[torch.Tensor] = None
     trim_threshold: float = float("nan")
     iterations: int = 0
 
@@ -129,7 +129,7 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
     if reference is not None and ref in isolated:
         raise ValueError(f"reference view {ref} overlaps no other view")
     if not pairs:
-        return Alignment(scale, shift, ref, 0, 0, float("nan"), isolated, torch.zeros(V, dtype=torch.float64))
+        return Alignment(scale, shift, ref, 0, 0, float("nan"), isolated)
     I, J = torch.cat(I), torch.cat(J)
     AI, BI, AJ, BJ, W0 = (torch.cat(x) for x in (AI, BI, AJ, BJ, WW))
     R = torch.stack([AI, BI, -AJ, -BJ], 1)                                   # [K, 4]
@@ -173,9 +173,6 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
                 warm = True
                 continue
             break
-    e2 = W0 * rel * rel
-    vr2 = (torch.zeros(V, dtype=torch.float64).index_add_(0, I, e2).index_add_(0, J, e2) /
-           torch.zeros(V, dtype=torch.float64).index_add_(0, I, W0).index_add_(0, J, W0).clamp_min(1e-300))
     if reference is None and connected:      # the most-overlapping view whose prediction is not flat
         ok = torch.tensor([v in connected and float(scale[v]) > 0.1 * float(scale.max()) for v in range(V)])
         ref = int(torch.argmax(torch.where(ok, over, torch.full_like(over, -1.0))))
@@ -186,4 +183,4 @@ def solve_alignment(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, *, r
         conn = torch.tensor(connected)
         scale[isolated] = scale[conn].median()
         shift[isolated] = shift[conn].median()
-    return Alignment(scale, shift, ref, len(pairs), total, resid, isolated, vr2.sqrt(), tau, done)
+    return Alignment(scale, shift, ref, len(pairs), total, resid, isolated, tau, done)

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .merge import METHODS, normalised_depth_image, predict_panorama, predictor_convention, predictor_view_size
+from .merge import METHODS, normalised_depth_image, predict_panorama
+from .predictors import predictor_convention, predictor_fns, predictor_view_size
 from .views import KINDS, LAYOUTS, PanoGrid
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
@@ -117,14 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     conv = predictor_convention(pd.model_index)
 
-    def depth_fn(images, latents=None):
-        with torch.no_grad():
-            return pd.predict(images.to(a.device), "depth", processing_resolution=0, steps=0,
-                              latents=latents).prediction.cpu()
-
-    def normals_fn(images):
-        with torch.no_grad():
-            return pn.predict(images.to(a.device), "normals", processing_resolution=0, steps=0).prediction.cpu()
+    depth_fn, normals_fn, _ = predictor_fns(pd, pn, device=a.device)
 
     from jointcore.predictor_vis import to_uint16, write_png16
 
@@ -140,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         size = a.view_size or predictor_view_size(pd.model_index, grid, a.fov)
-        res = predict_panorama(pano, grid, depth_fn, normals_fn if pn is not None else None, method=a.method,
+        res = predict_panorama(pano, grid, depth_fn, normals_fn, method=a.method,
                                layout=None if a.layout == "auto" else a.layout, fov_deg=a.fov, view_size=size,
                                count=a.views, convention=conv,
                                turn_upward={"upside-down": True, "as-is": False}.get(a.upward_views))

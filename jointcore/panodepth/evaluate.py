@@ -32,8 +32,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..metrics import angular_error_deg, lstsq_scale_shift
 from .merge import METHODS, predict_panorama
-from .views import PanoGrid, make_views, views_on_pano
+from .predictors import predictor_fns
+from .views import PanoGrid, make_views, views_on_pano, world_cameras
 
 FIRST_SEED_OFFSET = 3000
 SECTION_TITLE = "## 360° depth from a perspective predictor"
@@ -41,12 +43,11 @@ SECTION_TITLE = "## 360° depth from a perspective predictor"
 
 # ---- metrics ------------------------------------------------------------------------------------------
 def affine_fit(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """``pred`` mapped by the least-squares scale and shift onto ``gt`` over the pixels where both are finite."""
-    p, g = pred.double(), gt.double()
-    ok = torch.isfinite(p) & torch.isfinite(g) & (g > 0)
-    A = torch.stack([p[ok], torch.ones_like(p[ok])], 1)
-    x = torch.linalg.lstsq(A, g[ok][:, None]).solution[:, 0]
-    return (p * x[0] + x[1]).to(pred.dtype)
+    """``pred`` mapped by the least-squares scale and shift (:func:`jointcore.metrics.lstsq_scale_shift`) onto
+    ``gt`` over the pixels where both are finite (NaN stays NaN)."""
+    ok = torch.isfinite(pred) & torch.isfinite(gt) & (gt > 0)
+    s, b = lstsq_scale_shift(torch.nan_to_num(pred.double())[None], gt.double()[None], ok[None])
+    return (pred.double() * s[0] + b[0]).to(pred.dtype)
 
 
 def depth_scores(pred: torch.Tensor, gt: torch.Tensor) -> dict:
@@ -67,9 +68,8 @@ def depth_scores(pred: torch.Tensor, gt: torch.Tensor) -> dict:
 
 
 def normal_error(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """Mean angle in degrees between unit normals ``[3,H,W]``."""
-    c = (pred.double() * gt.double()).sum(0).clamp(-1, 1)
-    return float(torch.rad2deg(torch.acos(c)).mean())
+    """Mean angle in degrees between normal maps ``[3,H,W]`` (:func:`jointcore.metrics.angular_error_deg`)."""
+    return float(angular_error_deg(pred[None], gt[None]).mean())
 
 
 def seam_pairs(grid: PanoGrid, fov_deg: float = 90.0,
@@ -111,25 +111,6 @@ def _predictors(models: Path):
     return pd, pn
 
 
-def predictor_fns(pd, pn, init: str = "zeros", seed: int = 0):
-    """``(depth_fn, normals_fn, latent_shape)`` for :func:`~.merge.predict_panorama` from loaded predictors
-    (native resolution: the views are made at the predictor's size)."""
-    def depth_fn(images, latents=None):
-        with torch.no_grad():
-            return pd.predict(images, "depth", processing_resolution=0, init=init, seed=seed, latents=latents,
-                              steps=1).prediction
-
-    def normals_fn(images):
-        with torch.no_grad():
-            return pn.predict(images, "normals", processing_resolution=0, steps=1).prediction
-
-    def latent_shape(h, w):
-        f = pd.vae_scale_factor
-        return (int(pd.vae.config.latent_channels), h // f, w // f)
-
-    return depth_fn, (normals_fn if pn is not None else None), latent_shape
-
-
 def oracle_fn(scene, depth_fn, grid: PanoGrid, fov_deg: float, view_size: int, turned: bool = True):
     """The predictor's views, each mapped by its own least-squares scale and shift onto the truth (the world's
     render of that view): the best any per-view alignment could do with these predictions (a reference, not
@@ -138,12 +119,9 @@ def oracle_fn(scene, depth_fn, grid: PanoGrid, fov_deg: float, view_size: int, t
     from jointcore.data import world as W
 
     views = make_views(grid, "cube+seams", fov_deg, view_size)
-    cams = W.perspective(views[0].height, views[0].width, [scene.pano_position] * len(views),
-                         [scene.pano_yaw_deg + v.yaw_deg for v in views], [v.pitch_deg for v in views],
-                         fov_deg=fov_deg)
-    z = W.render([scene] * len(views), cams)["depth"]
+    z = W.render([scene] * len(views), world_cameras(views, scene.pano_position, scene.pano_yaw_deg))["depth"]
     if turned:
-        up = torch.tensor([0.0 < v.elevation_deg < 89.0 for v in views])
+        up = torch.tensor([v.looks_up for v in views])
         z[up] = torch.flip(z[up], dims=(-2, -1))
 
     def fn(images, latents=None):
@@ -171,7 +149,6 @@ def measure(models: Path, scenes: int = 50, height: int = 128, fov_deg: float = 
             log: Callable[[str], None] = print) -> dict:
     from jointcore.data import world as W
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pd, pn = _predictors(models)
     grid = PanoGrid("equirectangular", height, 2 * height)
     seam, interior = seam_pairs(grid, fov_deg)
@@ -187,7 +164,7 @@ def measure(models: Path, scenes: int = 50, height: int = 128, fov_deg: float = 
         gt = W.render(sc, W.default_camera(sc, "equirectangular", height, 2 * height), supersample=2)
         r_gt, n_gt = gt["distance"][0, 0], gt["normals"][0]
         for name, cfg in runs.items():
-            dfn, nfn, lshape = predictor_fns(pd, pn, cfg.get("init", "zeros"), seed=n)
+            dfn, nfn, lshape = predictor_fns(pd, pn, init=cfg.get("init", "zeros"), seed=n)
             method = cfg["method"]
             if cfg.get("oracle"):      # aligned's views and turning, each view fitted to the truth, no solve
                 dfn, method = oracle_fn(sc[0], dfn, grid, fov_deg, view_size), "views12"
@@ -205,7 +182,8 @@ def measure(models: Path, scenes: int = 50, height: int = 128, fov_deg: float = 
             rows[name].append(m)
             if n == 0:
                 example[name] = out
-        example.setdefault("_gt", gt)
+        if n == 0:
+            example["_gt"] = gt
         if (n + 1) % 10 == 0 or n + 1 == len(seeds):
             log(f"{n + 1}/{len(seeds)} scenes, {time.time() - t0:.0f} s")
     summary = {name: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for name, ms in rows.items()}

@@ -25,8 +25,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..data.world_camera import normals_to_camera
 from .align import common_quantity, solve_alignment, view_coefficients
-from .views import PanoGrid, View, auto_view_size, make_views, pano_to_view, view_on_pano, views_on_pano
+from .views import PanoGrid, View, make_views, pano_to_view, view_on_pano, views_on_pano
 
 METHODS = {
     "aligned": {"layout": "cube+seams", "align": True, "blend": "taper", "rotate_normals": True, "turn_upward": True},
@@ -63,19 +64,6 @@ class PanoPrediction:
     settings: dict = field(default_factory=dict)
 
 
-def predictor_convention(model_index: Optional[dict]) -> str:
-    """``depth`` or ``disparity``: what a checkpoint's ``model_index.json`` says it predicts."""
-    kind = str((model_index or {}).get("prediction_type", "depth")).lower()
-    return "disparity" if "disparity" in kind else "depth"
-
-
-def predictor_view_size(model_index: Optional[dict], grid: PanoGrid, fov_deg: float) -> int:
-    """Views at the checkpoint's processing resolution (what it was trained at), else at the panorama's own
-    angular resolution."""
-    res = (model_index or {}).get("default_processing_resolution")
-    return int(res) // 8 * 8 if res else auto_view_size(grid, fov_deg)
-
-
 def shared_noise(grid: PanoGrid, views: Sequence[View], shape: tuple[int, int, int], seed: int = 0,
                  factor: int = 8) -> torch.Tensor:
     """Initial latents ``[V, C, h/f, w/f]`` drawn once on the sphere: one Gaussian field on a panorama grid at
@@ -83,7 +71,7 @@ def shared_noise(grid: PanoGrid, views: Sequence[View], shape: tuple[int, int, i
     overlapping views start from the same noise where they overlap."""
     C, hl, wl = shape
     v0 = views[0]
-    rad_per_px = 2 * math.atan(v0.width / 2 / v0.focal) / v0.width * factor
+    rad_per_px = math.radians(v0.fov_deg) / v0.width * factor
     W = max(8, int(round(grid.span / rad_per_px)))
     H = max(4, int(round(W * grid.height / grid.width)))
     g = grid.scaled(H, W)
@@ -93,12 +81,6 @@ def shared_noise(grid: PanoGrid, views: Sequence[View], shape: tuple[int, int, i
         lv = View(v.azimuth_deg, v.elevation_deg, v.fov_deg, hl, wl)
         out.append(pano_to_view(field_, g, lv, mode="nearest")[0])
     return torch.stack(out)
-
-
-def _tangent(normals_pano: torch.Tensor, grid: PanoGrid) -> torch.Tensor:
-    """``[B,3,H,W]`` panorama-frame normals → the per-pixel tangent frame (``Fᵀ n``)."""
-    Fm = grid.tangent_frames().to(normals_pano.dtype)                  # [W, 3, 3]
-    return torch.einsum("wji,bjhw->bihw", Fm, normals_pano)
 
 
 def predict_panorama(
@@ -175,7 +157,7 @@ def predict_panorama(
 
     # views looking up (not the zenith) are shown to the predictor upside down: monocular predictors learn
     # "lower in the picture = nearer" from views of the ground, which a view of the ceiling contradicts
-    up = torch.tensor([turn_upward and 0.0 < v.elevation_deg < 89.0 for v in views for _ in range(B)])
+    up = torch.tensor([turn_upward and v.looks_up for v in views for _ in range(B)])
     if up.any():
         flat = flat.clone()
         flat[up] = torch.flip(flat[up], dims=(-2, -1))
@@ -258,7 +240,8 @@ def predict_panorama(
     normals = None
     if nnum is not None:
         nrm = nnum / nnum.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        normals = (_tangent(nrm, grid) if cfg["rotate_normals"] else nrm).float()
+        # into the per-pixel tangent frame of the world renderer's panorama camera
+        normals = (normals_to_camera(nrm, grid.camera()) if cfg["rotate_normals"] else nrm).float()
     settings = {"method": method, "layout": cfg["layout"], "fov_deg": float(fov_deg), "views": V,
                 "view_size": [h, w], "convention": convention, "robust": bool(robust), "turn_upward": bool(turn_upward),
                 "sync": sync}

@@ -27,18 +27,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..data.world_camera import Camera, cylindrical, equirectangular, perspective
+
 KINDS = ("equirectangular", "cylindrical")
 LAYOUTS = ("cube+seams", "cube", "icosahedron", "fibonacci", "ring")
-
-
-def _rot_y(a: torch.Tensor) -> torch.Tensor:
-    c, s, o, z = torch.cos(a), torch.sin(a), torch.ones_like(a), torch.zeros_like(a)
-    return torch.stack([torch.stack([c, z, s], -1), torch.stack([z, o, z], -1), torch.stack([-s, z, c], -1)], -2)
-
-
-def _rot_x(a: torch.Tensor) -> torch.Tensor:
-    c, s, o, z = torch.cos(a), torch.sin(a), torch.ones_like(a), torch.zeros_like(a)
-    return torch.stack([torch.stack([o, z, z], -1), torch.stack([z, c, -s], -1), torch.stack([z, s, c], -1)], -2)
 
 
 # ---- the panorama -------------------------------------------------------------------------------------
@@ -77,31 +69,23 @@ class PanoGrid:
     def scaled(self, height: int, width: int) -> "PanoGrid":
         return PanoGrid(self.kind, int(height), int(width), self.span_deg)
 
+    def camera(self) -> Camera:
+        """The world renderer's camera of this grid at the origin, looking along −Z (its pixel geometry)."""
+        if self.kind == "equirectangular":
+            return equirectangular(self.height, self.width, (0.0, 0.0, 0.0))
+        return cylindrical(self.height, self.width, (0.0, 0.0, 0.0), span_deg=self.span_deg)
+
     def azimuths(self) -> torch.Tensor:
         """``[W]`` azimuth of each column (radians, float64)."""
-        u = torch.arange(self.width, dtype=torch.float64) - (self.width - 1) / 2.0
-        return u * (self.span / self.width)
+        return self.camera().azimuths()
 
     def directions(self) -> torch.Tensor:
         """``[H, W, 3]`` unit ray directions through the pixel centres (panorama frame, float64)."""
-        th = self.azimuths()[None, :]
-        v = torch.arange(self.height, dtype=torch.float64)[:, None] - (self.height - 1) / 2.0
-        if self.kind == "equirectangular":
-            ph = -v * (math.pi / self.height)
-            c = torch.cos(ph)
-            d = torch.stack([(c * torch.sin(th)).expand(self.height, self.width), torch.sin(ph).expand_as(c * th),
-                             (-c * torch.cos(th)).expand(self.height, self.width)], -1)
-        else:
-            y = (-v / (self.width / self.span)).expand(self.height, self.width)
-            d = torch.stack([torch.sin(th).expand_as(y), y, -torch.cos(th).expand_as(y)], -1)
-        return d / d.norm(dim=-1, keepdim=True)
+        return self.camera().local_dirs()[0]
 
     def depth_factor(self) -> torch.Tensor:
         """``[H, W]`` depth / ray distance: 1 (equirectangular) or the horizontal component (cylindrical)."""
-        d = self.directions()
-        if self.kind == "equirectangular":
-            return torch.ones(d.shape[:2], dtype=d.dtype)
-        return torch.sqrt(d[..., 0] ** 2 + d[..., 2] ** 2)
+        return self.camera().depth_factor()[0]
 
     def pixel_coords(self, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pixel coordinates ``(u, v)`` (float, pixel centres at integers) of directions ``[..., 3]`` in the
@@ -120,11 +104,6 @@ class PanoGrid:
             if not self.wraps:
                 inside &= (u >= -0.5) & (u <= self.width - 0.5)
         return u, v, inside
-
-    def tangent_frames(self) -> torch.Tensor:
-        """``[W, 3, 3]`` per-column normal frame → panorama frame, ``Ry(−θ_u)`` (the world renderer's panorama
-        normals: the tangent camera looking horizontally along the column's azimuth, y up)."""
-        return _rot_y(-self.azimuths())
 
 
 # ---- perspective views ---------------------------------------------------------------------------------
@@ -153,24 +132,26 @@ class View:
         return float(self.elevation_deg)
 
     @property
+    def looks_up(self) -> bool:
+        """Tilted up, but not at the zenith: the views :func:`~.merge.predict_panorama` shows upside down."""
+        return 0.0 < float(self.elevation_deg) < 89.0
+
+    @property
     def focal(self) -> float:
         return self.width / (2 * math.tan(math.radians(self.fov_deg) / 2))
+
+    def camera(self) -> Camera:
+        """The world renderer's perspective camera of this view at the origin."""
+        return perspective(self.height, self.width, (0.0, 0.0, 0.0), self.yaw_deg, self.pitch_deg, fov_deg=self.fov_deg)
 
     @property
     def rotation(self) -> torch.Tensor:
         """``[3, 3]`` view → panorama frame (float64)."""
-        return _rot_y(torch.tensor(math.radians(self.yaw_deg), dtype=torch.float64)) @ \
-            _rot_x(torch.tensor(math.radians(self.pitch_deg), dtype=torch.float64))
+        return self.camera().rotation[0]
 
     def local_directions(self) -> torch.Tensor:
         """``[h, w, 3]`` unit rays through the pixel centres in the view's frame (float64)."""
-        u = torch.arange(self.width, dtype=torch.float64) - (self.width - 1) / 2.0
-        v = torch.arange(self.height, dtype=torch.float64) - (self.height - 1) / 2.0
-        f = self.focal
-        x = (u[None, :] / f).expand(self.height, self.width)
-        y = (-v[:, None] / f).expand(self.height, self.width)
-        d = torch.stack([x, y, -torch.ones_like(x)], -1)
-        return d / d.norm(dim=-1, keepdim=True)
+        return self.camera().local_dirs()[0]
 
     def directions(self) -> torch.Tensor:
         """``[h, w, 3]`` the same rays in the panorama frame."""
@@ -196,6 +177,13 @@ class View:
         xn = (2 * x / max(self.width - 1, 1) - 1).abs()
         yn = (2 * y / max(self.height - 1, 1) - 1).abs()
         return ((1 - xn).clamp(0, 1) * (1 - yn).clamp(0, 1))
+
+
+def world_cameras(views: Sequence[View], position=(0.0, 0.0, 0.0), yaw_deg: float = 0.0) -> Camera:
+    """The views as one batch of the world renderer's perspective cameras at ``position``, the panorama turned by
+    ``yaw_deg`` (a scene's ``pano_position`` / ``pano_yaw_deg``): what the views would see, rendered exactly."""
+    return perspective(views[0].height, views[0].width, [tuple(position)] * len(views),
+                       [yaw_deg + v.yaw_deg for v in views], [v.pitch_deg for v in views], fov_deg=views[0].fov_deg)
 
 
 def _round8(x: float) -> int:

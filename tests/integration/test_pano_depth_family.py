@@ -89,14 +89,15 @@ def test_alignment_brings_the_trained_predictors_views_into_agreement_and_beats_
     the joint solve makes them agree far better; the merged panorama has a positive distance everywhere and is
     closer to the truth than both baselines'."""
     from jointcore.data import world as W
-    from jointcore.panodepth import PanoGrid, make_views, pano_to_view, predict_panorama, solve_alignment
+    from jointcore.panodepth import (PanoGrid, make_views, pano_to_view, predict_panorama, predictor_fns,
+                                     solve_alignment)
     from jointcore.panodepth import evaluate as E
     from jointcore.panodepth.align import view_coefficients
     from jointcore.panodepth.views import views_on_pano
 
     torch.set_num_threads(2)
     pd, _ = E._predictors(family)
-    dfn, _, _ = E.predictor_fns(pd, None)
+    dfn, _, _ = predictor_fns(pd, None)
     grid = PanoGrid("equirectangular", 128, 256)
     views = make_views(grid, "cube+seams", 90, 64)
     places = views_on_pano(grid.scaled(64, 128), views)

@@ -8,7 +8,7 @@ import torch
 
 from jointcore.data import world as W
 from jointcore.panodepth import (METHODS, PanoGrid, make_views, pano_to_view, predict_panorama, shared_noise,
-                                 view_on_pano)
+                                 view_on_pano, world_cameras)
 from jointcore.panodepth import evaluate as E
 
 SEED = W.HELDOUT_SEEDS.start + 7
@@ -24,12 +24,9 @@ def equirect(scene):
     return W.render([scene], W.default_camera([scene], "equirectangular", 64, 128))
 
 
-def render_views(scene, views, pano_yaw=None):
+def render_views(scene, views):
     """The world's own perspective renders of ``views`` (same centre and orientation as the panorama's)."""
-    yaw0 = scene.pano_yaw_deg if pano_yaw is None else pano_yaw
-    cams = W.perspective(views[0].height, views[0].width, [scene.pano_position] * len(views),
-                         [yaw0 + v.yaw_deg for v in views], [v.pitch_deg for v in views], fov_deg=views[0].fov_deg)
-    return W.render([scene] * len(views), cams)
+    return W.render([scene] * len(views), world_cameras(views, scene.pano_position, scene.pano_yaw_deg))
 
 
 def oracle(scene, views, convention="depth", noise=0.0, outliers=(), seed=1):
