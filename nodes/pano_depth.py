@@ -72,8 +72,7 @@ class JDPanoramaDepth:
             raise ValueError("360° Depth: layout 'fibonacci' needs 'views' ≥ 2 (the number of views)")
         size = int(view_size) or PD.predictor_view_size(predictor.model_index, grid, fov_deg)
         lay = None if layout == "auto" else layout
-        vlist = PD.make_views(grid, "ring" if projection == "cylindrical" else (lay or PD.METHODS[m]["layout"]),
-                              fov_deg, size, views)
+        vlist = PD.make_views(grid, PD.method_layout(grid, m, lay), fov_deg, size, views)
         n_calls = len(vlist) * B * (2 if normals_predictor is not None else 1)
         cb = progress(n_calls)
         dev = mm.get_torch_device()

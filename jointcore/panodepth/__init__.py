@@ -9,12 +9,13 @@
 * :mod:`.cli` — folders of panoramas (``python -m jointcore.panodepth``).
 """
 from .align import Alignment, common_quantity, solve_alignment, view_coefficients
-from .merge import METHODS, SYNC, PanoPrediction, normalised_depth_image, predict_panorama, shared_noise
+from .merge import (METHODS, SYNC, PanoPrediction, method_layout, normalised_depth_image, predict_panorama,
+                    shared_noise)
 from .predictors import predictor_convention, predictor_fns, predictor_view_size
 from .views import (KINDS, LAYOUTS, PanoGrid, View, coverage, layout_angles, make_views, pano_to_view, view_on_pano,
                     world_cameras)
 
 __all__ = ["Alignment", "common_quantity", "solve_alignment", "view_coefficients", "METHODS", "SYNC",
-           "PanoPrediction", "normalised_depth_image", "predict_panorama", "predictor_convention", "predictor_fns", "predictor_view_size",
+           "PanoPrediction", "method_layout", "normalised_depth_image", "predict_panorama", "predictor_convention", "predictor_fns", "predictor_view_size",
            "shared_noise", "KINDS", "LAYOUTS",
            "PanoGrid", "View", "coverage", "world_cameras", "layout_angles", "make_views", "pano_to_view", "view_on_pano"]

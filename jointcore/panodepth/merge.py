@@ -64,6 +64,16 @@ class PanoPrediction:
     settings: dict = field(default_factory=dict)
 
 
+def method_layout(grid: PanoGrid, method: str = "aligned", layout: Optional[str] = None) -> str:
+    """The layout ``method`` splits ``grid`` into: ``layout`` if given, else the method's own; always the ``ring``
+    of level views for a cylinder."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    if grid.kind == "cylindrical":
+        return "ring"
+    return layout or METHODS[method]["layout"]
+
+
 def shared_noise(grid: PanoGrid, views: Sequence[View], shape: tuple[int, int, int], seed: int = 0,
                  factor: int = 8) -> torch.Tensor:
     """Initial latents ``[V, C, h/f, w/f]`` drawn once on the sphere: one Gaussian field on a panorama grid at
@@ -132,11 +142,7 @@ def predict_panorama(
         raise ValueError(f"sync must be one of {SYNC}, got {sync!r}")
     if pano.ndim != 4 or pano.shape[1] != 3:
         raise ValueError(f"expected panoramas [B,3,H,W], got {tuple(pano.shape)}")
-    cfg = dict(METHODS[method])
-    if layout is not None:
-        cfg["layout"] = layout
-    if grid.kind == "cylindrical":
-        cfg["layout"] = "ring"
+    cfg = dict(METHODS[method], layout=method_layout(grid, method, layout))
     if turn_upward is not None:
         cfg["turn_upward"] = bool(turn_upward)
     turn_upward = cfg["turn_upward"]
