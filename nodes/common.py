@@ -128,10 +128,10 @@ def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- depth convention travelling with an IMAGE ----------------------------------------------------------
-#: attribute the pack's nodes set on a depth IMAGE they output: "depth" (near = dark, e.g. JD Predict),
+#: attribute the pack's nodes set on a depth IMAGE they output: "depth" (near = dark, e.g. Predict Depth / Normals),
 #: "disparity" (near = bright, e.g. JointNet, MiDaS-style estimators) or "normals". ComfyUI hands a node's output
 #: object itself to the nodes wired to it, so RGBD to Mesh (depth_kind auto) reads it; a node in between that
-#: makes a new tensor drops it (JD Depth Convention sets it on any IMAGE).
+#: makes a new tensor drops it (Depth Convention sets it on any IMAGE).
 DEPTH_TAG = "jd_depth_kind"
 DEPTH_TAGS = ("depth", "disparity", "normals")
 

@@ -297,19 +297,19 @@ NODE_CLASS_MAPPINGS = {
 }
 checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "JDDiff2in1Loader": "Diff-2-in-1 Loader (SD folder + head)",
+    "JDDiff2in1Loader": "Diff-2-in-1 Loader",
     "JDDiff2in1Predict": "Diff-2-in-1 Predict",
-    "JDDiff2in1CreatePairs": "Diff-2-in-1 Create Paired Data",
-    "JDMTDiffusionRestoreSampler": "MT-Diffusion Restore Sampler",
+    "JDDiff2in1CreatePairs": "Diff-2-in-1 Create Pairs",
+    "JDMTDiffusionRestoreSampler": "MT-Diffusion Restore",
 }
 
 add_tooltips(NODE_CLASS_MAPPINGS, {
     "JDDiff2in1Predict": {
-        "diff2in1": "from JD Diff-2-in-1 Loader",
+        "diff2in1": "from Diff-2-in-1 Loader",
         "image": "images to label (resized to resolution, the prediction back to the image size)",
     },
     "JDDiff2in1CreatePairs": {
-        "diff2in1": "from JD Diff-2-in-1 Loader",
+        "diff2in1": "from Diff-2-in-1 Loader",
         "images": "real images the new image-label pairs are made from",
         "seed": "seed of the noise the images are sent to (another seed, other images)",
         "per_image": "new pairs made from each input image",

@@ -62,7 +62,7 @@ def _joint_samples(joint_latent: dict) -> torch.Tensor:
     :func:`~.common.checked_inputs`)."""
     z = joint_latent["samples"]
     if z.ndim != 4 or z.shape[1] != 8:
-        raise ValueError(f"expected a joint latent with 8 channels (JD Joint Empty Latent / Encode), got "
+        raise ValueError(f"expected a joint latent with 8 channels (Joint Empty Latent / Encode), got "
                          f"{tuple(z.shape)}")
     return z
 
@@ -241,7 +241,7 @@ class JDJointKSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            **_model_inputs("from JD Joint Empty Latent or JD Joint Encode"),
+            **_model_inputs("from Joint Empty Latent or Joint Encode"),
             "task": (TASKS, {"default": "joint_generation",
                              "tooltip": "joint_generation: both generated; image_to_depth: keep the image; "
                                         "depth_to_image: keep the depth; refine_depth: SDEdit the given depth "
@@ -250,8 +250,10 @@ class JDJointKSampler:
             **_SEED_STEPS_CFG,
             "sampler": (list(JS.SOLVERS), {"default": "ddim"}),
             "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "DDIM only"}),
-            "denoise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                  "tooltip": "SDEdit strength; 0 = the task's default (1.0, refine_depth 0.4)"}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "as in KSampler: 1.0 = start from pure noise; lower keeps more of the "
+                                             "input latent (SDEdit strength; JointNet's refine_depth uses 0.4). The "
+                                             "task only picks what is kept (masks), never the strength"}),
         }, "optional": {
             "image_mask": ("MASK", {"tooltip": "1 = generate, 0 = keep the given image (overrides the preset)"}),
             "depth_mask": ("MASK", {"tooltip": "1 = generate, 0 = keep the given depth (overrides the preset)"}),
@@ -271,14 +273,17 @@ class JDJointKSampler:
         B, _, h, w = z.shape
         if task == "masks_only":
             m_img = m_dep = 1.0
-            strength = 1.0
             if "noise_mask" in joint_latent:  # SetLatentNoiseMask: the same region in both modalities
                 nm = joint_latent["noise_mask"]
                 m_img = m_dep = mask_to_b1hw(nm.reshape(-1, *nm.shape[-2:]), B, h, w, "noise_mask")
         else:
-            m_img, m_dep, strength = JS.task_preset(task)
-        if denoise > 0:
-            strength = float(denoise)
+            m_img, m_dep, _ = JS.task_preset(task)  # the preset picks the masks; denoise is the strength
+        if not denoise > 0:
+            raise ValueError(
+                "Joint KSampler: input 'denoise' is 0, which would run no step. It works as in KSampler: 1.0 = "
+                "from pure noise, less = keep more of the input (refine_depth: 0.4). Workflows saved before "
+                "December 2026 used 0 for 'the task's default': set 1.0 there (0.4 for refine_depth).")
+        strength = float(denoise)
         if image_mask is not None:
             m_img = mask_to_b1hw(image_mask, B, h, w, "image_mask")
         if depth_mask is not None:
@@ -295,7 +300,7 @@ class JDJointKSampler:
         dev = torch_device()
         with running([b.patcher], b.model.activation_bytes(2 * B, h, w, c.shape[1]),
                      f"JointNet sampling of {B} image(s) at {8 * w}×{8 * h} px (CFG doubles the batch)",
-                     "Lower width/height or batch_size, or use JD Joint Panorama Sampler (tiled) for large images."):
+                     "Lower width/height or batch_size, or use Joint Panorama Sampler (tiled) for large images."):
             n_steps = len(JS.get_timesteps(range(steps), strength))
             cb = progress(n_steps)
             out = JS.joint_sample(
@@ -312,7 +317,7 @@ class JDJointPanoramaSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            **_model_inputs("a wide JD Joint Empty Latent (e.g. 2048×512), or JD Joint Encode of an upsampled "
+            **_model_inputs("a wide Joint Empty Latent (e.g. 2048×512), or Joint Encode of an upsampled "
                             "panorama for refinement"),
             "method": (["jointnet", "multidiffusion"], {"default": "jointnet",
                        "tooltip": "jointnet: whole-image tile (weight 5) for the first 40% of steps, random "
@@ -380,24 +385,24 @@ NODE_CLASS_MAPPINGS = {
 }
 checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "JDJointNetLoader": "JD JointNet Loader",
-    "JDJointEmptyLatent": "JD Joint Empty Latent",
-    "JDJointEncode": "JD Joint Encode (image + depth)",
-    "JDJointDecode": "JD Joint Decode (image + depth)",
-    "JDJointKSampler": "JD Joint KSampler (JointNet)",
-    "JDJointPanoramaSampler": "JD Joint Panorama Sampler (RGBD, tiled)",
+    "JDJointNetLoader": "JointNet Loader",
+    "JDJointEmptyLatent": "Joint Empty Latent",
+    "JDJointEncode": "Joint Encode",
+    "JDJointDecode": "Joint Decode",
+    "JDJointKSampler": "Joint KSampler",
+    "JDJointPanoramaSampler": "Joint Panorama Sampler",
 }
 
-_JN = "from JD JointNet Loader"
+_JN = "from JointNet Loader"
 _COND = "text conditioning from CLIP Text Encode with the SD 2.1 base CLIP (1024 wide)"
-_LATENT_OUT = "joint latent (RGB + depth/normals): decode with JD Joint Decode"
+_LATENT_OUT = "joint latent (RGB + depth/normals): decode with Joint Decode"
 add_tooltips(NODE_CLASS_MAPPINGS, {
     "JDJointEmptyLatent": {"width": "image width in pixels (multiple of 8)",
                            "height": "image height in pixels (multiple of 8)",
                            "batch_size": "images generated at once"},
     "JDJointEncode": {"vae": "the SD VAE of the checkpoint JointNet was fine-tuned from (SD 2.1 base)"},
     "JDJointDecode": {"vae": "the same SD VAE as for encoding (SD 2.1 base)",
-                      "joint_latent": "from a Joint sampler or JD Joint Encode"},
+                      "joint_latent": "from a Joint sampler or Joint Encode"},
     "JDJointKSampler": {"jointnet": _JN, "positive": _COND, "negative": _COND + " (what to avoid)",
                         "seed": "noise seed", "steps": "sampling steps (official: 50 DDIM)",
                         "cfg": "classifier-free guidance scale (official: 7.5)",
@@ -409,7 +414,7 @@ add_tooltips(NODE_CLASS_MAPPINGS, {
                                "view_batch": "views per model call: more is faster and takes more memory"},
 }, {
     "JDJointNetLoader": ("JointNet (RGB and depth/normal branches): for the Joint samplers",),
-    "JDJointEmptyLatent": ("an empty joint latent [B, 8, H/8, W/8]: for JD Joint KSampler",),
+    "JDJointEmptyLatent": ("an empty joint latent [B, 8, H/8, W/8]: for Joint KSampler",),
     "JDJointEncode": ("joint latent of the image and the depth/normal map (what is omitted is zero)",),
     "JDJointDecode": ("the RGB image", "depth as grey (near = bright) or normals as (n+1)/2"),
     "JDJointKSampler": (_LATENT_OUT,),

@@ -46,7 +46,7 @@ def resolve_depth_kind(depth, depth_kind: str) -> str:
                   "dark" if tag == "depth" else "bright")
         return tag
     _LOG.info("[JointDiffusion] RGBD to Mesh: the depth picture carries no convention; reading it as disparity "
-              "(near = bright). Set depth_kind to 'depth' (or use JD Depth Convention) if near is dark.")
+              "(near = bright). Set depth_kind to 'depth' (or use Depth Convention) if near is dark.")
     return "disparity"
 
 
@@ -74,9 +74,10 @@ class JDRGBDToMesh:
                                                          "seam (equirectangular is always 360x180)"}),
             "depth_kind": (["auto"] + list(jm.DEPTH_KINDS)[::-1], {
                 "default": "auto",
-                "tooltip": "auto: as the depth picture says (JD Predict: near = dark; JointNet: near = bright; "
-                           "JD Depth Convention marks any picture), else disparity; disparity: white = near "
-                           "(JointNet, MiDaS, Depth Anything); depth: white = far (Marigold / JD Predict)"}),
+                "tooltip": "auto: as the depth picture says (Predict Depth / Normals: near = dark; JointNet: "
+                           "near = bright; Depth Convention marks any picture), else disparity; disparity: white = "
+                           "near (JointNet, MiDaS, Depth Anything); depth: white = far (Marigold, Predict Depth / "
+                           "Normals)"}),
             "near": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01,
                                "tooltip": "distance given to the nearest map value"}),
             "far": ("FLOAT", {"default": 10.0, "min": 0.001, "max": 1e6, "step": 0.01,
@@ -212,7 +213,7 @@ class JDDepthConvention:
             "depth": ("IMAGE", {"tooltip": "a depth or disparity picture from any node"}),
             "near_is": (["bright", "dark"], {"default": "bright",
                                              "tooltip": "bright: disparity-like (MiDaS, Depth Anything, JointNet); "
-                                                        "dark: depth-like (Marigold, JD Predict, ZoeDepth "
+                                                        "dark: depth-like (Marigold, Predict Depth / Normals, ZoeDepth "
                                                         "metric maps)"}),
             "invert": ("BOOLEAN", {"default": False, "tooltip": "flip the values (1 − v), which also flips near_is"}),
         }}
@@ -223,8 +224,8 @@ class JDDepthConvention:
     FUNCTION = "mark"
     CATEGORY = CATEGORY + "/mesh"
     DESCRIPTION = ("Mark a depth picture as near = bright (disparity) or near = dark (depth), optionally flipping it, "
-                   "so RGBD to Mesh with depth_kind auto builds it the right way round. JD Predict and JointNet "
-                   "mark their own outputs; a node in between (resize, crop…) drops the mark.")
+                   "so RGBD to Mesh with depth_kind auto builds it the right way round. Predict Depth / Normals and "
+                   "JointNet mark their own outputs; a node in between (resize, crop…) drops the mark.")
 
     def mark(self, depth, near_is, invert):
         dark = near_is == "dark"
@@ -233,15 +234,15 @@ class JDDepthConvention:
 
 
 NODE_CLASS_MAPPINGS = {"JDRGBDToMesh": JDRGBDToMesh, "JDDepthConvention": JDDepthConvention}
-NODE_DISPLAY_NAME_MAPPINGS = {"JDRGBDToMesh": "RGBD to Mesh (GLB/PLY/OBJ)",
-                              "JDDepthConvention": "Depth Convention (JointDiffusion)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"JDRGBDToMesh": "RGBD to Mesh",
+                              "JDDepthConvention": "Depth Convention"}
 # offered only where the running ComfyUI has a core MESH type (feature detection, no V3 API needed)
 OPTIONAL_NODES = {"JDRGBDToComfyMesh": JDRGBDToComfyMesh}
 checked_inputs(NODE_CLASS_MAPPINGS)
 checked_inputs(OPTIONAL_NODES)
 if core_mesh_class() is not None:
     NODE_CLASS_MAPPINGS["JDRGBDToComfyMesh"] = JDRGBDToComfyMesh
-    NODE_DISPLAY_NAME_MAPPINGS["JDRGBDToComfyMesh"] = "RGBD to MESH (core type)"
+    NODE_DISPLAY_NAME_MAPPINGS["JDRGBDToComfyMesh"] = "RGBD to MESH (core)"
 
 _PROJECTION = ("how the image was taken: perspective (a photo; uses fov_deg), cylindrical (a wide panorama "
                "spanning horizontal_span_deg), equirectangular (a 360°×180° panorama)")

@@ -114,11 +114,11 @@ class JDPanoramaDepth:
 
 NODE_CLASS_MAPPINGS = {"JDPanoramaDepth": JDPanoramaDepth}
 checked_inputs(NODE_CLASS_MAPPINGS)
-NODE_DISPLAY_NAME_MAPPINGS = {"JDPanoramaDepth": "360° Depth & Normals (JointDiffusion)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"JDPanoramaDepth": "360° Depth & Normals"}
 
 _VIEWS = "views of the panorama"
-add_tooltips(NODE_CLASS_MAPPINGS, {
-    "predictor": "a depth predictor (JD Predictor Loader): Marigold, E2E-FT or the default family's",
+add_tooltips(NODE_CLASS_MAPPINGS, {"JDPanoramaDepth": {
+    "predictor": "a depth predictor (Predictor Loader): Marigold, E2E-FT or the default family's",
     "image": "the panorama, RGB; equirectangular = 2:1 (360°×180°), cylindrical = any width, square pixels at "
              "the horizon",
     "projection": "equirectangular: a full sphere, depth = distance from the centre; cylindrical: a horizontal "
@@ -145,11 +145,11 @@ add_tooltips(NODE_CLASS_MAPPINGS, {
                     "method's choice (upside down for aligned)",
     "sync": "shared_noise: with init gaussian, every view starts from one noise field drawn on the sphere, so "
             "overlapping views share their noise where they overlap",
-}, {
-    "depth": "depth of the panorama (distance ÷ its maximum, near = dark; marked 'depth' for RGBD to Mesh): use "
-             "near 0, far 1 there to keep the merged geometry",
-    "normals": "unit normals as (n+1)/2 in each pixel's tangent frame (x right, y up, z towards the viewer)",
-    "views": f"the perspective {_VIEWS} the predictor saw (a batch, panorama by panorama)",
-    "view_depth": "each view's own prediction before alignment (near = dark)",
-    "raw": "float depth and ray distance (relative), normals, the settings and each view's scale / shift",
-})
+}}, {"JDPanoramaDepth": (
+    "depth of the panorama (distance ÷ its maximum, near = dark; marked 'depth' for RGBD to Mesh): use "
+    "near 0, far 1 there to keep the merged geometry",
+    "unit normals as (n+1)/2 in each pixel's tangent frame (x right, y up, z towards the viewer)",
+    f"the perspective {_VIEWS} the predictor saw (a batch, panorama by panorama)",
+    "each view's own prediction before alignment (near = dark)",
+    "float depth and ray distance (relative), normals, the settings and each view's scale / shift",
+)})

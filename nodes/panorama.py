@@ -264,8 +264,8 @@ NODE_CLASS_MAPPINGS = {
 }
 checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "JDTiledDiffusionSampler": "Tiled Panorama Sampler (JointDiffusion)",
-    "JDTiledVAEDecode": "Tiled VAE Decode, 360° (JointDiffusion)",
+    "JDTiledDiffusionSampler": "Tiled Panorama Sampler",
+    "JDTiledVAEDecode": "Tiled VAE Decode (360°)",
 }
 
 add_tooltips(NODE_CLASS_MAPPINGS, {

@@ -82,7 +82,7 @@ class JDPanoramaPreview:
 
 NODE_CLASS_MAPPINGS = {"JDPanoramaPreview": JDPanoramaPreview}
 checked_inputs(NODE_CLASS_MAPPINGS)
-NODE_DISPLAY_NAME_MAPPINGS = {"JDPanoramaPreview": "JD Panorama Preview (360° viewer)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"JDPanoramaPreview": "Panorama Preview (360°)"}
 
 add_tooltips(NODE_CLASS_MAPPINGS, {
     "JDPanoramaPreview": {

@@ -35,9 +35,9 @@ def _has_unet(path: str) -> bool:
 
 
 def _comfy_patcher(pred, name: str):
-    """The ComfyUI ModelPatcher owning ``pred``'s UNet, VAE and text encoder (loaded by JD Predict through
+    """The ComfyUI ModelPatcher owning ``pred``'s UNet, VAE and text encoder (loaded by Predict Depth / Normals through
     load_models_gpu, kept loaded between runs, unloaded by ComfyUI), made once and kept on the predictor (also
-    for a predictor made elsewhere than JD Predictor Loader)."""
+    for a predictor made elsewhere than Predictor Loader)."""
     if getattr(pred, "comfy_patcher", None) is None:
         pred.comfy_patcher = make_patcher(name, unet=pred.unet, vae=pred.vae, text_encoder=pred.text_encoder)
     return pred.comfy_patcher
@@ -245,34 +245,34 @@ NODE_CLASS_MAPPINGS = {
 }
 checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "JDPredictorLoader": "Depth/Normals Predictor Loader (Marigold, E2E-FT)",
-    "JDDepthNormalPredict": "Predict Depth / Normals (trailing DDIM)",
+    "JDPredictorLoader": "Predictor Loader",
+    "JDDepthNormalPredict": "Predict Depth / Normals",
     "JDDepthColorize": "Colorize Depth",
     "JDNormalsVisualize": "Visualize Normals",
-    "JDSaveRawPrediction": "Save Raw Depth / Normals",
+    "JDSaveRawPrediction": "Save Raw Prediction",
 }
 
 add_tooltips(NODE_CLASS_MAPPINGS, {
     "JDPredictorLoader": {"model": "a diffusers folder under models/jointdiffusion_predictors/ (Marigold, E2E-FT)"},
     "JDDepthNormalPredict": {
-        "predictor": "from JD Predictor Loader",
+        "predictor": "from Predictor Loader",
         "image": "pictures to predict depth or normals for (any size)",
         "task": "depth (affine-invariant: relative, not metres) or surface normals",
         "ensemble_size": "predictions combined per image (Marigold diffusion checkpoints: ~10; E2E-FT: 1)",
         "normalisation": "depth IMAGE range: per_image stretches each map to 0–1; per_batch one range for the "
                          "whole batch (keeps relative depth between frames)",
     },
-    "JDDepthColorize": {"depth": "a depth IMAGE (e.g. JD Predict's image output; grey, channel 0 is read)",
+    "JDDepthColorize": {"depth": "a depth IMAGE (e.g. Predict Depth / Normals's image output; grey, channel 0 is read)",
                         "colormap": "colour map; grey keeps the values"},
-    "JDNormalsVisualize": {"raw": "the raw output of JD Predict with task normals",
+    "JDNormalsVisualize": {"raw": "the raw output of Predict Depth / Normals with task normals",
                            "flip_x": "negate x (left/right) for viewers with another convention",
                            "flip_y": "negate y (OpenGL vs DirectX normal maps)",
                            "flip_z": "negate z (towards/away from the camera)"},
-    "JDSaveRawPrediction": {"raw": "a raw output of JD Predict (depth, normals or uncertainty)",
+    "JDSaveRawPrediction": {"raw": "a raw output of Predict Depth / Normals (depth, normals or uncertainty)",
                             "filename_prefix": "path under ComfyUI's output folder; a number is appended",
                             "format": "png16: 16-bit PNG; npy: float32 NumPy array (exact values); or both"},
 }, {
-    "JDPredictorLoader": ("the predictor (owned by ComfyUI's model management): for JD Predict",),
+    "JDPredictorLoader": ("the predictor (owned by ComfyUI's model management): for Predict Depth / Normals",),
     "JDDepthNormalPredict": ("depth as grey (near = dark, as Marigold) or normals as (n+1)/2",
                              "the float prediction (depth 0–1, near = small; or unit normals): for saving, colouring "
                              "and meshes",

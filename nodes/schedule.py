@@ -79,8 +79,8 @@ NODE_CLASS_MAPPINGS = {
 }
 checked_inputs(NODE_CLASS_MAPPINGS)
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "JDTrailingDDIMSigmas": "Trailing DDIM Schedule (JointDiffusion)",
-    "JDDDIMSampler": "DDIM Sampler η (JointDiffusion)",
+    "JDTrailingDDIMSigmas": "Trailing DDIM Schedule",
+    "JDDDIMSampler": "DDIM Sampler (η)",
 }
 
 add_tooltips(NODE_CLASS_MAPPINGS, {

@@ -52,7 +52,7 @@ def test_nodes_generate_encode_inpaint_decode(mod):
     (empty,) = mod.JDJointEmptyLatent().make(64, 64, 2)
     assert empty["samples"].shape == (2, 8, 8, 8)
     ks = mod.JDJointKSampler()
-    (gen,) = ks.sample(bundle, _cond(), _cond(seed=1, L=8), empty, "joint_generation", 3, 2, 4.0, "ddim", 0.0, 0.0)
+    (gen,) = ks.sample(bundle, _cond(), _cond(seed=1, L=8), empty, "joint_generation", 3, 2, 4.0, "ddim", 0.0, 1.0)
     assert gen["samples"].shape == (2, 8, 8, 8) and torch.isfinite(gen["samples"]).all()
     assert len(mod._calls) == 2  # progress bar advanced every step
 
@@ -63,18 +63,18 @@ def test_nodes_generate_encode_inpaint_decode(mod):
     z = enc["samples"]
     assert z.shape == (1, 8, 8, 8)
     torch.testing.assert_close(z[:, 4:], vae.encode(depth[..., :1].expand(-1, -1, -1, 3)))
-    (i2d,) = ks.sample(bundle, _cond(), _cond(seed=1), enc, "image_to_depth", 3, 3, 4.0, "dpmpp_2m", 0.0, 0.0)
+    (i2d,) = ks.sample(bundle, _cond(), _cond(seed=1), enc, "image_to_depth", 3, 3, 4.0, "dpmpp_2m", 0.0, 1.0)
     torch.testing.assert_close(i2d["samples"][:, :4], z[:, :4], rtol=1e-6, atol=1e-6)  # image kept
     assert (i2d["samples"][:, 4:] - z[:, 4:]).abs().mean() > 0.05                     # depth generated
     # a custom spatial mask for the depth only (masks_only task: the image is fully regenerated)
     dmask = torch.zeros(1, 64, 64)
     dmask[:, :, 32:] = 1
-    (ed,) = ks.sample(bundle, _cond(), _cond(seed=1), enc, "masks_only", 3, 2, 4.0, "ddim", 0.0, 0.0,
+    (ed,) = ks.sample(bundle, _cond(), _cond(seed=1), enc, "masks_only", 3, 2, 4.0, "ddim", 0.0, 1.0,
                       depth_mask=dmask)
     torch.testing.assert_close(ed["samples"][:, 4:, :, :4], z[:, 4:, :, :4], rtol=1e-6, atol=1e-6)
     # masks_only with the latent's noise_mask: the same region in both modalities
     (both,) = ks.sample(bundle, _cond(), _cond(seed=1), dict(enc, noise_mask=dmask.reshape(-1, 1, 64, 64)),
-                        "masks_only", 3, 2, 4.0, "ddim", 0.0, 0.0)
+                        "masks_only", 3, 2, 4.0, "ddim", 0.0, 1.0)
     torch.testing.assert_close(both["samples"][..., :4], z[..., :4], rtol=1e-6, atol=1e-6)
     assert (both["samples"][..., 4:] - z[..., 4:]).abs().mean() > 0.05
     image, dense = mod.JDJointDecode().decode(vae, i2d, "depth")
@@ -82,15 +82,36 @@ def test_nodes_generate_encode_inpaint_decode(mod):
     assert torch.equal(dense[..., 0], dense[..., 2])
 
 
+def test_denoise_means_what_it_means_in_ksampler(mod):
+    """denoise defaults to 1.0 and is the strength for every task (the task preset only picks the masks): the
+    refine_depth task at 1.0 regenerates the depth from pure noise; at 0.4 it keeps the input's structure;
+    0 is refused with the migration hint (old workflows used 0 = default)."""
+    spec = mod.JDJointKSampler.INPUT_TYPES()["required"]["denoise"]
+    assert spec[1]["default"] == 1.0 and "KSampler" in spec[1]["tooltip"]
+    (bundle,) = mod.JDJointNetLoader().load("tiny", "fp32", "epsilon")
+    vae = FakeVAE()
+    enc = mod.JDJointEncode().encode(vae, image=torch.rand(1, 64, 64, 3),
+                                     depth=torch.rand(1, 64, 64, 1).expand(-1, -1, -1, 3))[0]
+    ks = mod.JDJointKSampler()
+    args = (bundle, _cond(), _cond(seed=1), enc, "refine_depth", 3, 5, 4.0, "ddim", 0.0)
+    full = ks.sample(*args, 1.0)[0]["samples"]
+    part = ks.sample(*args, 0.4)[0]["samples"]
+    z = enc["samples"]
+    torch.testing.assert_close(full[:, :4], z[:, :4], rtol=1e-6, atol=1e-6)  # the preset still keeps the image
+    assert (part[:, 4:] - z[:, 4:]).abs().mean() < 0.5 * (full[:, 4:] - z[:, 4:]).abs().mean()
+    with pytest.raises(ValueError, match="'denoise' is 0.*as in KSampler.*set 1.0"):
+        ks.sample(*args, 0.0)
+
+
 def test_node_errors_are_clear(mod):
     (bundle,) = mod.JDJointNetLoader().load("tiny", "fp32", "epsilon")
     (empty,) = mod.JDJointEmptyLatent().make(64, 64, 1)
     ks = mod.JDJointKSampler()
     with pytest.raises(ValueError, match="cross-attention dim is 32"):
-        ks.sample(bundle, _cond(width=768), _cond(width=768), empty, "joint_generation", 0, 1, 4.0, "ddim", 0.0, 0.0)
+        ks.sample(bundle, _cond(width=768), _cond(width=768), empty, "joint_generation", 0, 1, 4.0, "ddim", 0.0, 1.0)
     with pytest.raises(ValueError, match="8 channels"):
         ks.sample(bundle, _cond(), _cond(), {"samples": torch.zeros(1, 4, 8, 8)}, "joint_generation", 0, 1, 4.0,
-                  "ddim", 0.0, 0.0)
+                  "ddim", 0.0, 1.0)
     with pytest.raises(ValueError, match="connect an image"):
         mod.JDJointEncode().encode(FakeVAE())
     with pytest.raises(ValueError, match="none|models/jointnet"):
@@ -183,17 +204,17 @@ def test_non_finite_inputs_are_refused_by_name(mod):
     ks = mod.JDJointKSampler()
     args = (bundle, _cond(), _cond(seed=1, L=8), empty, "joint_generation", 0, 1)
     with pytest.raises(ValueError, match="input 'cfg' is nan"):
-        ks.sample(*args, float("nan"), "ddim", 0.0, 0.0)
+        ks.sample(*args, float("nan"), "ddim", 0.0, 1.0)
     with pytest.raises(ValueError, match="input 'denoise' is inf"):
         ks.sample(*args, 4.0, "ddim", 0.0, float("inf"))
     nan_mask = torch.ones(1, 64, 64)
     nan_mask[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="input 'depth_mask' has 1 NaN"):
-        ks.sample(*args, 4.0, "ddim", 0.0, 0.0, depth_mask=nan_mask)
+        ks.sample(*args, 4.0, "ddim", 0.0, 1.0, depth_mask=nan_mask)
     bad = {"samples": empty["samples"].clone()}
     bad["samples"][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="input 'joint_latent' has 1 NaN"):
-        ks.sample(bundle, _cond(), _cond(seed=1, L=8), bad, "joint_generation", 0, 1, 4.0, "ddim", 0.0, 0.0)
+        ks.sample(bundle, _cond(), _cond(seed=1, L=8), bad, "joint_generation", 0, 1, 4.0, "ddim", 0.0, 1.0)
     with pytest.raises(ValueError, match="input 'joint_latent'"):
         mod.JDJointPanoramaSampler().sample(bundle, _cond(), _cond(seed=1, L=8), bad, "jointnet", 0, 1, 4.0, 64, 0,
                                             False, 1, 0.0)
@@ -218,7 +239,7 @@ def test_a_non_finite_model_output_stops_at_the_first_step_naming_dtype_and_fix(
     with pytest.raises(FloatingPointError, match=r"NaN or infinite values running in float32.*weights or the "
                                                  r"inputs"):
         mod.JDJointKSampler().sample(bundle, _cond(), _cond(seed=1), empty, "joint_generation", 3, 4, 4.0, "ddim",
-                                     0.0, 0.0)
+                                     0.0, 1.0)
     assert steps == []  # stopped inside the first step
 
 
@@ -266,7 +287,7 @@ def test_the_sampler_asks_comfyui_to_load_the_model_with_the_jobs_memory(mod, tm
         calls.append((list(models), memory_required, force_full_load))
         return real(models, memory_required=memory_required, force_full_load=force_full_load, **k)
     mm.load_models_gpu = spy
-    mod.JDJointKSampler().sample(bundle, _cond(), _cond(seed=1), empty, "joint_generation", 3, 1, 4.0, "ddim", 0.0, 0.0)
+    mod.JDJointKSampler().sample(bundle, _cond(), _cond(seed=1), empty, "joint_generation", 3, 1, 4.0, "ddim", 0.0, 1.0)
     assert len(calls) == 1 and calls[0][0] == [bundle.patcher] and calls[0][2] is True
     assert calls[0][1] == bundle.model.activation_bytes(2, 8, 8, 4)  # CFG doubles the batch; 8x8 latents
     assert any(lm.model is bundle.patcher for lm in mm.current_loaded_models)  # still loaded: ComfyUI decides
@@ -276,7 +297,7 @@ def test_the_sampler_asks_comfyui_to_load_the_model_with_the_jobs_memory(mod, tm
     calls.clear()
     with pytest.raises(MemoryError, match="512×512 px.*Lower width/height"):
         mod.JDJointKSampler().sample(bundle, _cond(), _cond(seed=1), mod.JDJointEmptyLatent().make(512, 512, 1)[0],
-                                     "joint_generation", 3, 1, 4.0, "ddim", 0.0, 0.0)
+                                     "joint_generation", 3, 1, 4.0, "ddim", 0.0, 1.0)
 
 
 def test_auto_dtype_prefers_bf16_then_fp16_on_gpus_and_fp32_on_the_cpu(mod, monkeypatch):

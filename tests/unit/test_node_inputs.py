@@ -7,7 +7,7 @@ import torch
 
 from comfy_stubs import load_node_module
 
-MODULES = ["schedule", "mesh", "diff2in1", "jointnet", "predictor", "panorama", "panorama_view"]
+MODULES = ["schedule", "mesh", "diff2in1", "jointnet", "predictor", "panorama", "panorama_view", "pano_depth"]
 
 
 def _all_nodes(monkeypatch, tmp_path):
@@ -80,3 +80,41 @@ def test_every_input_and_output_explains_itself(monkeypatch, tmp_path):
     m, _ = load_node_module(monkeypatch, tmp_path, "predictor")
     own = m.JDPredictorLoader.INPUT_TYPES()["required"]["dtype"][1]["tooltip"]
     assert own.startswith("auto: bf16")  # the node's own tooltip, not replaced
+
+
+NAME_MAX = 24  # characters: a title this long fits the width ComfyUI gives a node for its widgets (~ 210-330 px)
+
+
+def test_one_naming_scheme(monkeypatch, tmp_path):
+    """Every node has a display name in one scheme: Title Case, the method first where a method owns the node,
+    no pack prefix or suffix (the frontends show the pack as a badge), short enough for the node's width, and
+    no two alike. Tooltips and descriptions refer to other nodes by these names."""
+    names, too_long, styled = {}, [], []
+    for mod in MODULES:
+        m, _ = load_node_module(monkeypatch, tmp_path, mod)
+        keys = {**m.NODE_CLASS_MAPPINGS, **getattr(m, "OPTIONAL_NODES", {})}
+        shown = dict(m.NODE_DISPLAY_NAME_MAPPINGS)
+        if "JDRGBDToComfyMesh" in keys and "JDRGBDToComfyMesh" not in shown:  # registered only with core MESH
+            shown["JDRGBDToComfyMesh"] = None
+        for key in keys:
+            name = shown.get(key)
+            if key == "JDRGBDToComfyMesh" and name is None:
+                continue
+            assert name, f"{key} has no display name"
+            names[key] = name
+            if len(name) > NAME_MAX:
+                too_long.append(name)
+            if name.startswith("JD ") or "JointDiffusion" in name or name[0].islower():
+                styled.append(name)
+    assert not too_long and not styled, (too_long, styled)
+    assert len(set(names.values())) == len(names), names
+    assert len(names) >= 23, names
+    # no tooltip or description still names a node by an old "JD …" title
+    for mod in MODULES:
+        m, _ = load_node_module(monkeypatch, tmp_path, mod)
+        for key, cls in m.NODE_CLASS_MAPPINGS.items():
+            texts = [getattr(cls, "DESCRIPTION", "")] + list(getattr(cls, "OUTPUT_TOOLTIPS", ()))
+            texts += [str((s[1] if len(s) > 1 and isinstance(s[1], dict) else {}).get("tooltip", ""))
+                      for s in _inputs(cls).values()]
+            stale = [t for t in texts if "JD " in t or "(JointDiffusion)" in t]
+            assert not stale, (key, stale)
