@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Write the shipped UI-format example workflows (``workflows/*.json`` + same-name ``.jpg`` thumbnails).
+"""Write the shipped UI-format example workflows (``workflows/*.json``).
+
+Their thumbnails (same-name ``.jpg``) are real outputs: ``scripts/workflow_thumbnails.py``. The canvas layout
+(stages in groups, node sizes, the view a workflow opens with) is ``scripts/workflow_layout.py``; the note on
+each canvas and its template-browser title are ``scripts/workflow_notes.py``.
 
 Each workflow is declared below as a small graph (nodes with widget values by name, links by slot name)
 and laid out in UI format — the format users drag into ComfyUI — against a saved ``/object_info``
@@ -13,16 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 from pathlib import Path
+
+import workflow_layout
+from workflow_notes import NOTES
 
 REPO = Path(__file__).resolve().parent.parent
 WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING"}
 SEED_NAMES = {"seed", "noise_seed"}
 
 
-def N(id, type, pos, **widgets):  # noqa: A002 - a node declaration
-    return {"id": id, "type": type, "pos": pos, "widgets": widgets}
+def N(id, type, **widgets):  # noqa: A002 - a node declaration (its place on the canvas: workflow_layout)
+    return {"id": id, "type": type, "widgets": widgets}
 
 
 def L(src, src_out, dst, dst_in):
@@ -37,15 +43,15 @@ SPECS = {
     "trailing_ddim_txt2img": {
         "title": "Trailing-DDIM schedule (E2E-FT fix) with any SD checkpoint",
         "nodes": [
-            N(1, "CheckpointLoaderSimple", [40, 120], ckpt_name=SD15),
-            N(2, "CLIPTextEncode", [420, 40], text="a cosy wooden cabin in a snowy forest, golden hour"),
-            N(3, "CLIPTextEncode", [420, 260], text="blurry, low quality"),
-            N(4, "EmptyLatentImage", [420, 480], width=512, height=512, batch_size=1),
-            N(5, "JDTrailingDDIMSigmas", [40, 360], steps=10, spacing="trailing", zero_terminal_snr=False),
-            N(6, "JDDDIMSampler", [40, 560], eta=0.0),
-            N(7, "SamplerCustom", [860, 120], add_noise=True, noise_seed=42, cfg=7.5),
-            N(8, "VAEDecode", [1240, 120]),
-            N(9, "SaveImage", [1460, 120], filename_prefix="jointdiffusion/trailing_ddim"),
+            N(1, "CheckpointLoaderSimple", ckpt_name=SD15),
+            N(2, "CLIPTextEncode", text="a cosy wooden cabin in a snowy forest, golden hour"),
+            N(3, "CLIPTextEncode", text="blurry, low quality"),
+            N(4, "EmptyLatentImage", width=512, height=512, batch_size=1),
+            N(5, "JDTrailingDDIMSigmas", steps=10, spacing="trailing", zero_terminal_snr=False),
+            N(6, "JDDDIMSampler", eta=0.0),
+            N(7, "SamplerCustom", add_noise=True, noise_seed=42, cfg=7.5),
+            N(8, "VAEDecode"),
+            N(9, "SaveImage", filename_prefix="jointdiffusion/trailing_ddim"),
         ],
         "links": [
             L(1, "MODEL", 5, "model"), L(1, "MODEL", 7, "model"), L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip"),
@@ -57,15 +63,15 @@ SPECS = {
     "diff2in1_depth_and_paired_data": {
         "title": "Diff-2-in-1: depth from one UNet pass + paired-data creation (noise to T=600, DDIM back, label)",
         "nodes": [
-            N(1, "LoadImage", [40, 40], image=EXAMPLE),
-            N(2, "ImageScale", [40, 380], upscale_method="bilinear", width=512, height=512, crop="center"),
-            N(3, "JDDiff2in1Loader", [420, 40], sd_model="stable-diffusion-v1-5", head="diff2in1-depth-head"),
-            N(4, "JDDiff2in1Predict", [420, 240], resolution=512),
-            N(5, "SaveImage", [800, 40], filename_prefix="jointdiffusion/diff2in1_depth"),
-            N(6, "JDDiff2in1CreatePairs", [420, 460], T=600, steps=50, seed=0, per_image=1, resolution=512,
+            N(1, "LoadImage", image=EXAMPLE),
+            N(2, "ImageScale", upscale_method="bilinear", width=512, height=512, crop="center"),
+            N(3, "JDDiff2in1Loader", sd_model="stable-diffusion-v1-5", head="diff2in1-depth-head"),
+            N(4, "JDDiff2in1Predict", resolution=512),
+            N(5, "SaveImage", filename_prefix="jointdiffusion/diff2in1_depth"),
+            N(6, "JDDiff2in1CreatePairs", T=600, steps=50, seed=0, per_image=1, resolution=512,
               folder_prefix="diff2in1_pairs", captions="a room with a red box and a green ball"),
-            N(7, "SaveImage", [800, 380], filename_prefix="jointdiffusion/diff2in1_created"),
-            N(8, "SaveImage", [800, 700], filename_prefix="jointdiffusion/diff2in1_labels"),
+            N(7, "SaveImage", filename_prefix="jointdiffusion/diff2in1_created"),
+            N(8, "SaveImage", filename_prefix="jointdiffusion/diff2in1_labels"),
         ],
         "links": [
             L(1, "IMAGE", 2, "image"), L(3, "diff2in1", 4, "diff2in1"), L(2, "IMAGE", 4, "image"),
@@ -76,21 +82,21 @@ SPECS = {
     "mt_diffusion_masked_restoration": {
         "title": "MT-Diffusion constrained restoration: regenerate a masked square, keep every other pixel",
         "nodes": [
-            N(1, "CheckpointLoaderSimple", [40, 40], ckpt_name=SD15),
-            N(2, "CLIPTextEncode", [420, 40], text="a tidy room, soft light"),
-            N(3, "CLIPTextEncode", [420, 240], text="blurry"),
-            N(4, "LoadImage", [40, 300], image=EXAMPLE),
-            N(5, "ImageScale", [40, 640], upscale_method="bilinear", width=512, height=384, crop="center"),
-            N(6, "VAEEncode", [420, 440]),
-            N(7, "SolidMask", [40, 860], value=0.0, width=512, height=384),
-            N(8, "SolidMask", [40, 1000], value=1.0, width=128, height=128),
-            N(9, "MaskComposite", [420, 860], x=192, y=128, operation="add"),
-            N(10, "SetLatentNoiseMask", [800, 440]),
-            N(11, "JDTrailingDDIMSigmas", [800, 40], steps=20, spacing="trailing", zero_terminal_snr=False),
-            N(12, "JDMTDiffusionRestoreSampler", [800, 240], modality_weight=0.0),
-            N(13, "SamplerCustom", [1180, 40], add_noise=True, noise_seed=3, cfg=7.0),
-            N(14, "VAEDecode", [1560, 40]),
-            N(15, "SaveImage", [1780, 40], filename_prefix="jointdiffusion/mt_restore"),
+            N(1, "CheckpointLoaderSimple", ckpt_name=SD15),
+            N(2, "CLIPTextEncode", text="a tidy room, soft light"),
+            N(3, "CLIPTextEncode", text="blurry"),
+            N(4, "LoadImage", image=EXAMPLE),
+            N(5, "ImageScale", upscale_method="bilinear", width=512, height=384, crop="center"),
+            N(6, "VAEEncode"),
+            N(7, "SolidMask", value=0.0, width=512, height=384),
+            N(8, "SolidMask", value=1.0, width=128, height=128),
+            N(9, "MaskComposite", x=192, y=128, operation="add"),
+            N(10, "SetLatentNoiseMask"),
+            N(11, "JDTrailingDDIMSigmas", steps=20, spacing="trailing", zero_terminal_snr=False),
+            N(12, "JDMTDiffusionRestoreSampler", modality_weight=0.0),
+            N(13, "SamplerCustom", add_noise=True, noise_seed=3, cfg=7.0),
+            N(14, "VAEDecode"),
+            N(15, "SaveImage", filename_prefix="jointdiffusion/mt_restore"),
         ],
         "links": [
             L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip"), L(4, "IMAGE", 5, "image"), L(5, "IMAGE", 6, "pixels"),
@@ -104,17 +110,18 @@ SPECS = {
     "image_to_depth_to_mesh": {
         "title": "Single image → depth (Diff-2-in-1 head) → textured mesh (GLB)",
         "nodes": [
-            N(1, "LoadImage", [40, 40], image=EXAMPLE),
-            N(2, "ImageScale", [40, 380], upscale_method="bilinear", width=512, height=384, crop="center"),
-            N(3, "JDDiff2in1Loader", [420, 40], sd_model="stable-diffusion-v1-5", head="diff2in1-depth-head"),
-            N(4, "JDDiff2in1Predict", [420, 240], resolution=512),
-            N(5, "JDRGBDToMesh", [800, 40], projection="perspective", fov_deg=60.0, depth_kind="depth", near=1.0,
+            N(1, "LoadImage", image=EXAMPLE),
+            N(2, "ImageScale", upscale_method="bilinear", width=512, height=384, crop="center"),
+            N(3, "JDDiff2in1Loader", sd_model="stable-diffusion-v1-5", head="diff2in1-depth-head"),
+            N(4, "JDDiff2in1Predict", resolution=512),
+            N(6, "JDDepthConvention", near_is="dark", invert=False),
+            N(5, "JDRGBDToMesh", projection="perspective", fov_deg=60.0, depth_kind="auto", near=1.0,
               far=5.0, discontinuity_threshold=0.1, downsample=1, format="glb",
               filename_prefix="jointdiffusion/depth_mesh", color="texture"),
         ],
         "links": [
             L(1, "IMAGE", 2, "image"), L(3, "diff2in1", 4, "diff2in1"), L(2, "IMAGE", 4, "image"),
-            L(2, "IMAGE", 5, "image"), L(4, "prediction", 5, "depth"),
+            L(2, "IMAGE", 5, "image"), L(4, "prediction", 6, "depth"), L(6, "depth", 5, "depth"),
         ],
     },
 }
@@ -123,93 +130,93 @@ def _jointnet_graph(title, task, model, nodes, links, sampler_widgets, decode_de
                     panorama=False):
     """CheckpointLoader (SD 2.1: CLIP + VAE) + prompts + JointNet loader + Joint KSampler (or the tiled Joint
     Panorama Sampler) + decode + saves."""
-    sampler = (N(20, "JDJointPanoramaSampler", [1180, 40], method="jointnet", seed=0, steps=50, cfg=7.5, window=512,
+    sampler = (N(20, "JDJointPanoramaSampler", method="jointnet", seed=0, steps=50, cfg=7.5, window=512,
                  stride=0, circular=False, view_batch=4, denoise=1.0) if panorama
-               else N(20, "JDJointKSampler", [1180, 40], task=task, **sampler_widgets))
+               else N(20, "JDJointKSampler", task=task, **sampler_widgets))
     base = [
-        N(1, "CheckpointLoaderSimple", [40, 40], ckpt_name=SD21),
-        N(2, "CLIPTextEncode", [420, 40], text="a cosy living room with a red armchair, photo"),
-        N(3, "CLIPTextEncode", [420, 240], text="blurry, low quality"),
-        N(4, "JDJointNetLoader", [40, 240], jointnet=model, dtype="auto", prediction_type="epsilon"),
+        N(1, "CheckpointLoaderSimple", ckpt_name=SD21),
+        N(2, "CLIPTextEncode", text="a cosy living room with a red armchair, photo"),
+        N(3, "CLIPTextEncode", text="blurry, low quality"),
+        N(4, "JDJointNetLoader", jointnet=model, dtype="auto", prediction_type="epsilon"),
         sampler,
-        N(21, "JDJointDecode", [1560, 40], dense_kind=decode_dense),
+        N(21, "JDJointDecode", dense_kind=decode_dense),
     ]
     out = [L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip"), L(4, "jointnet", 20, "jointnet"),
            L(2, "CONDITIONING", 20, "positive"), L(3, "CONDITIONING", 20, "negative"),
            L(20, "joint_latent", 21, "joint_latent"), L(1, "VAE", 21, "vae")]
     for i, what in enumerate(saves):
-        base.append(N(22 + i, "SaveImage", [1900, 40 + 320 * i], filename_prefix=f"jointdiffusion/{task}_{what}"))
+        base.append(N(22 + i, "SaveImage", filename_prefix=f"jointdiffusion/{task}_{what}"))
         out.append(L(21, what, 22 + i, "images"))
     return {"title": title, "nodes": base + nodes, "links": out + links}
 
 
-def _image_in(x=40, y=460):
-    return [N(10, "LoadImage", [x, y], image=EXAMPLE),
-            N(11, "ImageScale", [x, y + 340], upscale_method="bilinear", width=512, height=512, crop="center")]
+def _image_in():
+    return [N(10, "LoadImage", image=EXAMPLE),
+            N(11, "ImageScale", upscale_method="bilinear", width=512, height=512, crop="center")]
 
 
 def _predicted_depth(res=768):
-    return ([N(12, "JDPredictorLoader", [420, 460], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
-             N(13, "JDDepthNormalPredict", [420, 660], task="depth", processing_resolution=res, steps=1,
+    return ([N(12, "JDPredictorLoader", model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+             N(13, "JDDepthNormalPredict", task="depth", processing_resolution=res, steps=1,
                ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
-             N(14, "JDDepthColorize", [800, 660], colormap="grey", near_bright=True)],
+             N(14, "JDDepthColorize", colormap="grey", near_bright=True)],
             [L(11, "IMAGE", 13, "image"), L(12, "predictor", 13, "predictor"), L(13, "image", 14, "depth")])
 
 
-_SAMPLER = dict(seed=0, steps=50, cfg=7.5, sampler="ddim", eta=0.0, denoise=0.0)
+_SAMPLER = dict(seed=0, steps=50, cfg=7.5, sampler="ddim", eta=0.0, denoise=1.0)
 _pd_nodes, _pd_links = _predicted_depth()
 _pd_low_nodes, _pd_low_links = _predicted_depth(res=256)
 
 SPECS.update({
     "jointnet_text_to_rgbd": _jointnet_graph(
         "JointNet: text → RGB + depth, jointly (SD 2.1 base + JointNet)", "joint_generation", "rgbd_finetune_sd21b",
-        [N(5, "JDJointEmptyLatent", [420, 460], width=512, height=512, batch_size=1)],
+        [N(5, "JDJointEmptyLatent", width=512, height=512, batch_size=1)],
         [L(5, "joint_latent", 20, "joint_latent")], _SAMPLER),
     "jointnet_image_to_depth": _jointnet_graph(
         "JointNet: image → depth by channel-wise inpainting (inpaint model)", "image_to_depth", "rgbd_inpaint_sd21b",
-        _image_in() + [N(5, "JDJointEncode", [800, 460], dense_kind="depth")],
+        _image_in() + [N(5, "JDJointEncode", dense_kind="depth")],
         [L(10, "IMAGE", 11, "image"), L(11, "IMAGE", 5, "image"), L(1, "VAE", 5, "vae"),
          L(5, "joint_latent", 20, "joint_latent")], _SAMPLER, saves=("dense",)),
     "jointnet_depth_to_image": _jointnet_graph(
         "JointNet: depth → image by channel-wise inpainting (depth from the E2E-FT predictor)", "depth_to_image",
         "rgbd_inpaint_sd21b",
-        _image_in() + _pd_nodes + [N(5, "JDJointEncode", [800, 460], dense_kind="depth")],
+        _image_in() + _pd_nodes + [N(5, "JDJointEncode", dense_kind="depth")],
         [L(10, "IMAGE", 11, "image")] + _pd_links + [L(14, "IMAGE", 5, "depth"), L(1, "VAE", 5, "vae"),
                                                      L(5, "joint_latent", 20, "joint_latent")],
         _SAMPLER, saves=("image",)),
     "jointnet_rgbd_inpainting": _jointnet_graph(
         "JointNet: RGBD editing — regenerate a square in both image and depth, keep the rest",
         "masks_only", "rgbd_finetune_sd21b",
-        _image_in() + _pd_nodes + [N(5, "JDJointEncode", [800, 460], dense_kind="depth"),
-                                   N(6, "SolidMask", [800, 800], value=0.0, width=512, height=512),
-                                   N(7, "SolidMask", [800, 940], value=1.0, width=192, height=192),
-                                   N(8, "MaskComposite", [1180, 800], x=160, y=160, operation="add")],
+        _image_in() + _pd_nodes + [N(5, "JDJointEncode", dense_kind="depth"),
+                                   N(6, "SolidMask", value=0.0, width=512, height=512),
+                                   N(7, "SolidMask", value=1.0, width=192, height=192),
+                                   N(8, "MaskComposite", x=160, y=160, operation="add")],
         [L(10, "IMAGE", 11, "image")] + _pd_links + [
             L(11, "IMAGE", 5, "image"), L(14, "IMAGE", 5, "depth"), L(1, "VAE", 5, "vae"),
             L(5, "joint_latent", 20, "joint_latent"), L(6, "MASK", 8, "destination"), L(7, "MASK", 8, "source"),
             L(8, "MASK", 20, "image_mask"), L(8, "MASK", 20, "depth_mask")], _SAMPLER),
     "jointnet_depth_refinement": _jointnet_graph(
         "JointNet: refine a low-resolution depth map (SDEdit, strength 0.4)", "refine_depth", "rgbd_finetune_sd21b",
-        _image_in() + _pd_low_nodes + [N(5, "JDJointEncode", [800, 460], dense_kind="depth")],
+        _image_in() + _pd_low_nodes + [N(5, "JDJointEncode", dense_kind="depth")],
         [L(10, "IMAGE", 11, "image")] + _pd_low_links + [
             L(11, "IMAGE", 5, "image"), L(14, "IMAGE", 5, "depth"), L(1, "VAE", 5, "vae"),
             L(5, "joint_latent", 20, "joint_latent")], dict(_SAMPLER, denoise=0.4), saves=("dense",)),
     "predictor_image_to_depth_normals": {
         "title": "Single-step depth and normals (Marigold / E2E-FT, trailing DDIM t=999) with previews and raw output",
         "nodes": [
-            N(1, "LoadImage", [40, 40], image=EXAMPLE),
-            N(2, "JDPredictorLoader", [40, 400], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
-            N(3, "JDDepthNormalPredict", [420, 40], task="depth", processing_resolution=768, steps=1,
+            N(1, "LoadImage", image=EXAMPLE),
+            N(2, "JDPredictorLoader", model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+            N(3, "JDDepthNormalPredict", task="depth", processing_resolution=768, steps=1,
               ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
-            N(4, "JDDepthColorize", [800, 40], colormap="jet", near_bright=False),
-            N(5, "SaveImage", [1180, 40], filename_prefix="jointdiffusion/depth_color"),
-            N(6, "JDSaveRawPrediction", [800, 260], filename_prefix="jointdiffusion/depth_raw", format="png16+npy"),
-            N(7, "JDPredictorLoader", [40, 600], model="marigold-e2e-ft-normals", dtype="auto", vae_fp32=True),
-            N(8, "JDDepthNormalPredict", [420, 500], task="normals", processing_resolution=768, steps=1,
+            N(4, "JDDepthColorize", colormap="jet", near_bright=False),
+            N(5, "SaveImage", filename_prefix="jointdiffusion/depth_color"),
+            N(6, "JDSaveRawPrediction", filename_prefix="jointdiffusion/depth_raw", format="png16+npy"),
+            N(7, "JDPredictorLoader", model="marigold-e2e-ft-normals", dtype="auto", vae_fp32=True),
+            N(8, "JDDepthNormalPredict", task="normals", processing_resolution=768, steps=1,
               ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
-            N(9, "JDNormalsVisualize", [800, 500], flip_x=False, flip_y=False, flip_z=False),
-            N(10, "SaveImage", [1180, 500], filename_prefix="jointdiffusion/normals"),
-            N(11, "SaveImage", [1180, 800], filename_prefix="jointdiffusion/depth_grey"),
+            N(9, "JDNormalsVisualize", flip_x=False, flip_y=False, flip_z=False),
+            N(10, "SaveImage", filename_prefix="jointdiffusion/normals"),
+            N(11, "SaveImage", filename_prefix="jointdiffusion/depth_grey"),
         ],
         "links": [
             L(1, "IMAGE", 3, "image"), L(2, "predictor", 3, "predictor"), L(3, "image", 4, "depth"),
@@ -221,13 +228,13 @@ SPECS.update({
     "predictor_frames_to_depth_sequence": {
         "title": "Batch of video frames → depth sequence (one step per frame, per-batch normalisation)",
         "nodes": [
-            N(1, "LoadImage", [40, 40], image=EXAMPLE),
-            N(2, "RepeatImageBatch", [40, 380], amount=4),
-            N(3, "JDPredictorLoader", [40, 560], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
-            N(4, "JDDepthNormalPredict", [420, 40], task="depth", processing_resolution=512, steps=1,
+            N(1, "LoadImage", image=EXAMPLE),
+            N(2, "RepeatImageBatch", amount=4),
+            N(3, "JDPredictorLoader", model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+            N(4, "JDDepthNormalPredict", task="depth", processing_resolution=512, steps=1,
               ensemble_size=1, seed=0, spacing="trailing", normalisation="per_batch"),
-            N(5, "SaveImage", [800, 40], filename_prefix="jointdiffusion/depth_sequence"),
-            N(6, "JDSaveRawPrediction", [800, 360], filename_prefix="jointdiffusion/depth_sequence_raw",
+            N(5, "SaveImage", filename_prefix="jointdiffusion/depth_sequence"),
+            N(6, "JDSaveRawPrediction", filename_prefix="jointdiffusion/depth_sequence_raw",
               format="npy"),
         ],
         "links": [L(1, "IMAGE", 2, "image"), L(2, "IMAGE", 4, "image"), L(3, "predictor", 4, "predictor"),
@@ -236,11 +243,11 @@ SPECS.update({
     "predictor_depth_to_mesh": {
         "title": "Single image → E2E-FT depth → textured 3D mesh (GLB)",
         "nodes": [
-            N(1, "LoadImage", [40, 40], image=EXAMPLE),
-            N(2, "JDPredictorLoader", [40, 400], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
-            N(3, "JDDepthNormalPredict", [420, 40], task="depth", processing_resolution=768, steps=1,
+            N(1, "LoadImage", image=EXAMPLE),
+            N(2, "JDPredictorLoader", model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+            N(3, "JDDepthNormalPredict", task="depth", processing_resolution=768, steps=1,
               ensemble_size=1, seed=0, spacing="trailing", normalisation="per_image"),
-            N(4, "JDRGBDToMesh", [800, 40], projection="perspective", fov_deg=60.0, depth_kind="depth", near=1.0,
+            N(4, "JDRGBDToMesh", projection="perspective", fov_deg=60.0, depth_kind="depth", near=1.0,
               far=6.0, discontinuity_threshold=0.1, downsample=1, format="glb",
               filename_prefix="jointdiffusion/predictor_mesh", color="texture"),
         ],
@@ -251,9 +258,9 @@ SPECS.update({
 
 
 def _sd_prompts(text):
-    return ([N(1, "CheckpointLoaderSimple", [40, 40], ckpt_name=SD15),
-             N(2, "CLIPTextEncode", [420, 40], text=text),
-             N(3, "CLIPTextEncode", [420, 240], text="blurry, low quality, seam")],
+    return ([N(1, "CheckpointLoaderSimple", ckpt_name=SD15),
+             N(2, "CLIPTextEncode", text=text),
+             N(3, "CLIPTextEncode", text="blurry, low quality, seam")],
             [L(1, "CLIP", 2, "clip"), L(1, "CLIP", 3, "clip")])
 
 
@@ -263,10 +270,10 @@ def _tiled_graph(title, text, latent_node, latent_links, sampler_widgets, sigmas
     needs_vae = sampler_widgets.pop("_needs_vae", ())
     nodes, links = _sd_prompts(text)
     nodes += [latent_node, sigmas_node,
-              N(6, "JDTiledDiffusionSampler", [800, 400], **sampler_widgets),
-              N(7, "SamplerCustom", [1180, 40], add_noise=True, noise_seed=1, cfg=7.5),
-              N(8, "JDTiledVAEDecode", [1560, 40], tile=512, overlap=128, circular=decode_circular),
-              N(9, "SaveImage", [1900, 40], filename_prefix="jointdiffusion/panorama"), *extra_nodes]
+              N(6, "JDTiledDiffusionSampler", **sampler_widgets),
+              N(7, "SamplerCustom", add_noise=True, noise_seed=1, cfg=7.5),
+              N(8, "JDTiledVAEDecode", tile=512, overlap=128, circular=decode_circular),
+              N(9, "SaveImage", filename_prefix="jointdiffusion/panorama"), *extra_nodes]
     links += [L(1, "MODEL", 5, "model"), L(1, "MODEL", 7, "model"), L(2, "CONDITIONING", 7, "positive"),
               L(3, "CONDITIONING", 7, "negative"), L(6, "SAMPLER", 7, "sampler"), L(5, "SIGMAS", 7, "sigmas"),
               L(4, "LATENT", 7, "latent_image"), L(7, "output", 8, "samples"), L(1, "VAE", 8, "vae"),
@@ -274,7 +281,7 @@ def _tiled_graph(title, text, latent_node, latent_links, sampler_widgets, sigmas
     if "vae" in needs_vae:
         links.append(L(1, "VAE", 6, "vae"))
     if preview:
-        nodes.append(N(10, "JDPanoramaPreview", [1900, 400], projection=preview[0], span_deg=preview[1],
+        nodes.append(N(10, "JDPanoramaPreview", projection=preview[0], span_deg=preview[1],
                        filename_prefix="jointdiffusion/panorama_view"))
         links.append(L(8, "IMAGE", 10, "images"))
     return {"title": title, "nodes": nodes, "links": links}
@@ -285,48 +292,48 @@ SPECS.update({
         "SyncDiffusion: a coherent 2048×512 panorama from a plain SD checkpoint (LPIPS sync toward the middle "
         "view; LPIPS VGG backbone file in models/lpips)",
         "a mountain lake at sunrise, wide panorama, photo",
-        N(4, "EmptyLatentImage", [420, 460], width=2048, height=512, batch_size=1), [],
+        N(4, "EmptyLatentImage", width=2048, height=512, batch_size=1), [],
         dict(method="syncdiffusion", window=512, stride=128, circular=False, view_batch=4, eta=0.0,
              sync_weight=20.0, sync_decay=0.95, sync_freq=1, sync_thres=10, lpips_net="vgg", _needs_vae=("vae",)),
-        N(5, "JDTrailingDDIMSigmas", [40, 400], steps=50, spacing="leading", zero_terminal_snr=False),
+        N(5, "JDTrailingDDIMSigmas", steps=50, spacing="leading", zero_terminal_snr=False),
         False, preview=("cylindrical", 180.0)),
     "panorama_360_seamless": _tiled_graph(
         "360° seamless panorama: circular MultiDiffusion (wraps in x), circular tiled decoding, 360° viewer",
         "a sunny village square surrounded by houses, 360 degree equirectangular panorama",
-        N(4, "EmptyLatentImage", [420, 460], width=2048, height=1024, batch_size=1), [],
+        N(4, "EmptyLatentImage", width=2048, height=1024, batch_size=1), [],
         dict(method="multidiffusion", window=512, stride=256, circular=True, view_batch=4, eta=0.0),
-        N(5, "JDTrailingDDIMSigmas", [40, 400], steps=30, spacing="trailing", zero_terminal_snr=False),
+        N(5, "JDTrailingDDIMSigmas", steps=30, spacing="trailing", zero_terminal_snr=False),
         True, preview=("equirectangular", 360.0)),
     "panorama_refinement": _tiled_graph(
         "Panorama refinement: upsample, then tiled SDEdit at strength 0.4 (JointNet appendix) with the "
         "JointNet tile strategy",
         "a mountain lake at sunrise, wide panorama, photo, sharp details",
-        N(4, "VAEEncode", [420, 760]),
+        N(4, "VAEEncode"),
         [L(11, "IMAGE", 12, "image"), L(12, "IMAGE", 4, "pixels"), L(1, "VAE", 4, "vae")],
         dict(method="jointnet", window=512, stride=0, circular=False, view_batch=4, eta=0.0),
-        N(5, "BasicScheduler", [40, 400], scheduler="ddim_uniform", steps=50, denoise=0.4),
-        False, extra_nodes=(N(11, "LoadImage", [40, 700], image=EXAMPLE),
-                            N(12, "ImageScale", [40, 1040], upscale_method="lanczos", width=2048, height=512,
+        N(5, "BasicScheduler", scheduler="ddim_uniform", steps=50, denoise=0.4),
+        False, extra_nodes=(N(11, "LoadImage", image=EXAMPLE),
+                            N(12, "ImageScale", upscale_method="lanczos", width=2048, height=512,
                               crop="disabled"))),
     "panorama_360_depth_to_mesh": _tiled_graph(
         "Text → 360° panorama (circular MultiDiffusion) → 360° depth and normals from a single-step predictor "
         "(views aligned jointly) → sphere mesh (GLB) + 360° viewers",
         "a sunny village square surrounded by houses, 360 degree equirectangular panorama",
-        N(4, "EmptyLatentImage", [420, 460], width=2048, height=1024, batch_size=1), [],
+        N(4, "EmptyLatentImage", width=2048, height=1024, batch_size=1), [],
         dict(method="multidiffusion", window=512, stride=256, circular=True, view_batch=4, eta=0.0),
-        N(5, "JDTrailingDDIMSigmas", [40, 400], steps=30, spacing="trailing", zero_terminal_snr=False),
+        N(5, "JDTrailingDDIMSigmas", steps=30, spacing="trailing", zero_terminal_snr=False),
         True, preview=("equirectangular", 360.0),
         extra_nodes=(
-            N(11, "JDPredictorLoader", [40, 1000], model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
-            N(12, "JDPredictorLoader", [40, 1200], model="marigold-e2e-ft-normals", dtype="auto", vae_fp32=True),
-            N(13, "JDPanoramaDepth", [480, 1000], projection="equirectangular", horizontal_span_deg=360.0,
+            N(11, "JDPredictorLoader", model="marigold-e2e-ft-depth", dtype="auto", vae_fp32=True),
+            N(12, "JDPredictorLoader", model="marigold-e2e-ft-normals", dtype="auto", vae_fp32=True),
+            N(13, "JDPanoramaDepth", projection="equirectangular", horizontal_span_deg=360.0,
               method="aligned (joint scale/shift, 18 views)", fov_deg=90.0, view_size=0, seed=0),
-            N(14, "SaveImage", [860, 1000], filename_prefix="jointdiffusion/panorama_depth"),
-            N(15, "SaveImage", [1220, 1000], filename_prefix="jointdiffusion/panorama_normals"),
-            N(16, "JDRGBDToMesh", [1580, 1000], projection="equirectangular", fov_deg=60.0,
+            N(14, "SaveImage", filename_prefix="jointdiffusion/panorama_depth"),
+            N(15, "SaveImage", filename_prefix="jointdiffusion/panorama_normals"),
+            N(16, "JDRGBDToMesh", projection="equirectangular", fov_deg=60.0,
               horizontal_span_deg=360.0, depth_kind="auto", near=0.0, far=1.0, discontinuity_threshold=0.1,
               downsample=1, format="glb", filename_prefix="jointdiffusion/panorama_mesh", color="vertex"),
-            N(17, "JDPanoramaPreview", [1940, 1000], projection="equirectangular", span_deg=360.0,
+            N(17, "JDPanoramaPreview", projection="equirectangular", span_deg=360.0,
               filename_prefix="jointdiffusion/panorama_depth_view")),
         extra_links=(L(11, "predictor", 13, "predictor"), L(12, "predictor", 13, "normals_predictor"),
                      L(8, "IMAGE", 13, "image"), L(13, "depth", 14, "images"), L(13, "normals", 15, "images"),
@@ -334,10 +341,10 @@ SPECS.update({
     "jointnet_rgbd_panorama_to_mesh": _jointnet_graph(
         "JointNet RGBD panorama (2048×512, tile strategy) → 180° cylindrical mesh (GLB) + panorama viewer",
         "joint_generation", "rgbd_finetune_sd21b",
-        [N(5, "JDJointEmptyLatent", [420, 460], width=2048, height=512, batch_size=1),
-         N(30, "JDPanoramaPreview", [2300, 40], projection="cylindrical", span_deg=180.0,
+        [N(5, "JDJointEmptyLatent", width=2048, height=512, batch_size=1),
+         N(30, "JDPanoramaPreview", projection="cylindrical", span_deg=180.0,
            filename_prefix="jointdiffusion/rgbd_panorama_view"),
-         N(31, "JDRGBDToMesh", [2300, 400], projection="cylindrical", fov_deg=60.0, horizontal_span_deg=180.0,
+         N(31, "JDRGBDToMesh", projection="cylindrical", fov_deg=60.0, horizontal_span_deg=180.0,
            depth_kind="disparity", near=1.0, far=10.0, discontinuity_threshold=0.1, downsample=2, format="glb",
            filename_prefix="jointdiffusion/rgbd_panorama_mesh", color="vertex")],
         [L(5, "joint_latent", 20, "joint_latent"), L(21, "image", 30, "images"), L(21, "image", 31, "image"),
@@ -370,7 +377,14 @@ def _default(spec: list):
     return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}[head]
 
 
+NOTE_ID = 99  # the workflow's Note (a frontend-only node: not sent to the server)
+
+
 def build(name: str, spec: dict, object_info: dict) -> dict:
+    if name not in NOTES:
+        raise KeyError(f"{name}: write its note in scripts/workflow_notes.py")
+    title, description, note = NOTES[name]
+    lay = workflow_layout.layout(spec["nodes"], spec["links"], note, title)
     nodes, links = [], []
     by_id = {n["id"]: n for n in spec["nodes"]}
     ui = {}
@@ -394,7 +408,8 @@ def build(name: str, spec: dict, object_info: dict) -> dict:
             raise KeyError(f"{name}: {n['type']} has no inputs {sorted(unknown)}")
         outputs = [{"name": on, "type": ot, "links": [], "slot_index": i}
                    for i, (on, ot) in enumerate(zip(info["output_name"], info["output"]))]
-        ui[n["id"]] = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": [320, 120], "flags": {},
+        ui[n["id"]] = {"id": n["id"], "type": n["type"], "pos": lay["pos"][n["id"]], "size": lay["size"][n["id"]],
+                       "flags": {},
                        "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                        "properties": {"Node name for S&R": n["type"]}, "widgets_values": widgets}
         nodes.append(ui[n["id"]])
@@ -407,31 +422,14 @@ def build(name: str, spec: dict, object_info: dict) -> dict:
         so["links"].append(lid)
         di["link"] = lid
         links.append([lid, src, so["slot_index"], dst, ui[dst]["inputs"].index(di), so["type"]])
-    return {"last_node_id": max(ui), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"jointdiffusion": {"title": spec["title"]}}, "version": 0.4}
-
-
-def thumbnail(path: Path, spec: dict) -> None:
-    """A 512×384 card: the workflow's title and its node chain."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (512, 384), (24, 26, 33))
-    d = ImageDraw.Draw(img)
-    d.rectangle([0, 0, 511, 6], fill=(90, 160, 255))
-    y = 22
-    title = spec["title"].translate(str.maketrans({"×": "x", "→": "->", "°": " deg", "—": "-", "–": "-",
-                                                   "θ": "theta", "ε": "eps"}))
-    for line in textwrap.wrap(title, 44):
-        d.text((20, y), line, fill=(240, 240, 240))
-        y += 16
-    y += 10
-    for n in spec["nodes"]:
-        d.rounded_rectangle([20, y, 492, y + 22], radius=5, fill=(48, 52, 64))
-        d.text((30, y + 5), n["type"], fill=(170, 210, 255))
-        y += 28
-        if y > 360:
-            break
-    img.save(path, quality=88)
+    nodes.append({"id": NOTE_ID, "type": "Note", "pos": lay["note"][0], "size": lay["note"][1], "flags": {},
+                  "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+                  "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
+    return {"last_node_id": max(ui.keys() | {NOTE_ID}), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": lay["groups"], "config": {},
+            "extra": {"ds": lay["ds"],
+                      "jointdiffusion": {"title": title, "description": description, "summary": spec["title"]}},
+            "version": 0.4}
 
 
 def main() -> None:
@@ -445,7 +443,6 @@ def main() -> None:
             continue
         wf = build(name, spec, oi)
         (REPO / "workflows" / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
-        thumbnail(REPO / "workflows" / f"{name}.jpg", spec)
         print("wrote", name)
 
 

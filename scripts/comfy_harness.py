@@ -271,6 +271,9 @@ class PromptError(RuntimeError):
     pass
 
 
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # canvas-only node types of the frontends (virtual nodes)
+
+
 def ui_to_api(ui_workflow: dict | str | Path, object_info: dict) -> dict:
     """Convert a UI-format workflow (what users drag into ComfyUI) to API format against ``object_info``.
 
@@ -281,6 +284,8 @@ def ui_to_api(ui_workflow: dict | str | Path, object_info: dict) -> dict:
         ui_workflow = json.loads(Path(ui_workflow).read_text())
     if "nodes" not in ui_workflow or "links" not in ui_workflow:
         raise ValueError("not a UI-format workflow (needs 'nodes' and 'links')")
+    # notes live only on the canvas: the frontend never sends them to the server either
+    ui_workflow = dict(ui_workflow, nodes=[n for n in ui_workflow["nodes"] if n.get("type") not in FRONTEND_ONLY])
     known = set(object_info)
     missing = sorted({n["type"] for n in ui_workflow["nodes"] if n.get("mode", 0) == 0} - known)
     if missing:
