@@ -377,6 +377,11 @@ def _default(spec: list):
     return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}[head]
 
 
+def workflow_id(path: Path) -> str:
+    """A shipped workflow's id (``extra.jointdiffusion.id``; files written before ids existed: the file name)."""
+    return json.loads(path.read_text()).get("extra", {}).get("jointdiffusion", {}).get("id", path.stem)
+
+
 NOTE_ID = 99  # the workflow's Note (a frontend-only node: not sent to the server)
 
 
@@ -428,7 +433,8 @@ def build(name: str, spec: dict, object_info: dict) -> dict:
     return {"last_node_id": max(ui.keys() | {NOTE_ID}), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": lay["groups"], "config": {},
             "extra": {"ds": lay["ds"],
-                      "jointdiffusion": {"title": title, "description": description, "summary": spec["title"]}},
+                      "jointdiffusion": {"id": name, "title": title, "description": description,
+                                         "summary": spec["title"]}},
             "version": 0.4}
 
 
@@ -442,7 +448,14 @@ def main() -> None:
         if a.only and name not in a.only:
             continue
         wf = build(name, spec, oi)
-        (REPO / "workflows" / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        folder = REPO / "workflows"
+        path = folder / f"{NOTES[name][0]}.json"
+        for old in folder.glob("*.json"):  # the same workflow under an earlier file name: renamed, thumbnail kept
+            if old != path and workflow_id(old) == name:
+                if old.with_suffix(".jpg").exists() and not path.with_suffix(".jpg").exists():
+                    old.with_suffix(".jpg").rename(path.with_suffix(".jpg"))
+                old.unlink()
+        path.write_text(json.dumps(wf, indent=1) + "\n")
         print("wrote", name)
 
 

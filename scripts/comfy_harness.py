@@ -300,8 +300,25 @@ def ui_to_api(ui_workflow: dict | str | Path, object_info: dict) -> dict:
     return api
 
 
+def workflow_id(path: Path) -> str:
+    """A shipped workflow's id (``extra.jointdiffusion.id``: what ``--workflow``, output folders and tests use; the
+    file is named by its title for the template browser). A workflow without one: its file name."""
+    data = json.loads(Path(path).read_text())
+    return (data.get("extra") or {}).get("jointdiffusion", {}).get("id") or Path(path).stem
+
+
 def workflows(root: Path = REPO / "workflows") -> list[Path]:
-    return sorted(p for p in root.glob("*.json"))
+    """The shipped workflows, in the order of their ids."""
+    return sorted(root.glob("*.json"), key=workflow_id)
+
+
+def workflow_path(wid: str, root: Path = REPO / "workflows") -> Path:
+    """The file of the shipped workflow ``wid``."""
+    found = [p for p in workflows(root) if workflow_id(p) == wid]
+    if len(found) != 1:
+        raise FileNotFoundError(f"no shipped workflow {wid!r} in {root} (ids: "
+                                f"{', '.join(workflow_id(p) for p in workflows(root))})")
+    return found[0]
 
 
 # ---- running the shipped workflows on the built-in tiny default ---------------------------------------
@@ -456,9 +473,9 @@ def family_prompts(api: dict, caption: str) -> dict:
 def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = None, tiny: bool = True,
                   server: Optional[ComfyServer] = None, log=print, models: str = "tiny") -> dict[str, list[Path]]:
     """Start ComfyUI (unless ``server`` is given), run the shipped workflows, copy outputs to ``out_dir``."""
-    wfs = [p for p in workflows() if not names or p.stem in names]
+    wfs = [p for p in workflows() if not names or workflow_id(p) in names]
     if names and len(wfs) != len(set(names)):
-        raise FileNotFoundError(f"unknown workflow(s): {sorted(set(names) - {p.stem for p in wfs})}")
+        raise FileNotFoundError(f"unknown workflow(s): {sorted(set(names) - {workflow_id(p) for p in wfs})}")
     own = server is None
     if own:
         comfy = comfyui_dir()
@@ -480,15 +497,15 @@ def run_workflows(names: Optional[list[str]] = None, out_dir: Optional[Path] = N
             entry = server.run_prompt(api)
             files = server.output_files(entry)
             if out_dir is not None:
-                dst = Path(out_dir) / p.stem
+                dst = Path(out_dir) / workflow_id(p)
                 dst.mkdir(parents=True, exist_ok=True)
                 copied = []
                 for f in files:
                     shutil.copy2(f, dst / f.name)
                     copied.append(dst / f.name)
                 files = copied
-            results[p.stem] = files
-            log(f"{p.stem}: {len(files)} file(s) in {time.time() - t0:.1f}s")
+            results[workflow_id(p)] = files
+            log(f"{workflow_id(p)}: {len(files)} file(s) in {time.time() - t0:.1f}s")
     finally:
         if own:
             server.stop()

@@ -22,7 +22,7 @@ import comfy_harness as H  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/workflows", help="folder for the outputs (created)")
-    ap.add_argument("--workflow", action="append", help="run only this workflow (name without .json)")
+    ap.add_argument("--workflow", action="append", help="run only this workflow (its id, e.g. jointnet_text_to_rgbd: the README's table)")
     ap.add_argument("--full-size", action="store_true", help="keep the workflows' image sizes")
     ap.add_argument("--save-object-info", help="also save the server's /object_info to this file")
     sys.path.insert(0, str(H.REPO))

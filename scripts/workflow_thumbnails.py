@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Workflow thumbnails from real outputs: ``workflows/<name>.jpg`` = a 512×384 card of the images the
+"""Workflow thumbnails from real outputs: ``workflows/<title>.jpg`` (beside ``<title>.json``) = a 512×384 card of the images the
 workflow produced (``scripts/run_workflows.py --models family --out DIR``), with its title on top.
 
     .venv/bin/python scripts/run_workflows.py --models family --out out/family
@@ -16,13 +16,16 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import comfy_harness  # noqa: E402
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
 MESH_EXT = (".glb", ".ply", ".obj")
 W, H, TITLE_H = 512, 384, 44
 
 
-def _title(name: str) -> str:
-    wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+def _title(path: Path) -> str:
+    wf = json.loads(path.read_text())
+    name = comfy_harness.workflow_id(path)
     t = wf.get("extra", {}).get("jointdiffusion", {}).get("title") or name.replace("_", " ")
     return t.translate(str.maketrans({"×": "x", "→": "->", "°": " deg", "—": "-", "–": "-", "θ": "theta",
                                       "ε": "eps"}))
@@ -102,16 +105,17 @@ def main() -> int:
     a = ap.parse_args()
     src = Path(a.src)
     for wf in sorted((REPO / "workflows").glob("*.json")):
-        outs = sorted(p for p in (src / wf.stem).rglob("*") if p.suffix.lower() in IMAGE_EXT) \
-            if (src / wf.stem).is_dir() else []
-        meshes = sorted(p for p in (src / wf.stem).rglob("*") if p.suffix.lower() in MESH_EXT) \
-            if (src / wf.stem).is_dir() else []
+        wid = comfy_harness.workflow_id(wf)
+        outs = sorted(p for p in (src / wid).rglob("*") if p.suffix.lower() in IMAGE_EXT) \
+            if (src / wid).is_dir() else []
+        meshes = sorted(p for p in (src / wid).rglob("*") if p.suffix.lower() in MESH_EXT) \
+            if (src / wid).is_dir() else []
         if not outs and not meshes:
-            print(f"{wf.stem}: no image or mesh outputs in {src / wf.stem}; thumbnail unchanged")
+            print(f"{wid}: no image or mesh outputs in {src / wid}; thumbnail unchanged")
             continue
         pics = [Image.open(p) for p in outs] + [mesh_preview(p) for p in meshes]
-        card(pics, _title(wf.stem)).save(Path(a.to) / f"{wf.stem}.jpg", quality=88)
-        print(f"{wf.stem}: {len(outs)} images, {len(meshes)} meshes")
+        card(pics, _title(wf)).save(Path(a.to) / f"{wf.stem}.jpg", quality=88)
+        print(f"{wid}: {len(outs)} images, {len(meshes)} meshes")
     return 0
 
 

@@ -105,7 +105,7 @@ class Prompts:
 
     def __init__(self, server):
         self.server = server
-        self._api = {wf.stem: H.shrink_for_tiny(H.ui_to_api(wf, server.object_info)) for wf in H.workflows()}
+        self._api = {H.workflow_id(wf): H.shrink_for_tiny(H.ui_to_api(wf, server.object_info)) for wf in H.workflows()}
 
     def wf(self, name: str) -> dict:
         api = copy.deepcopy(self._api[name])

@@ -63,7 +63,7 @@ def test_every_workflow_has_a_thumbnail_and_uses_pack_nodes():
     assert not (keys - used), f"nodes not in any shipped workflow: {sorted(keys - used)}"
 
 
-@pytest.mark.parametrize("wf", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+@pytest.mark.parametrize("wf", WORKFLOWS, ids=[H.workflow_id(w) for w in WORKFLOWS])
 def test_workflow_runs(server, wf):
     api = H.shrink_for_tiny(H.ui_to_api(wf, server.object_info))
     entry = server.run_prompt(api)
@@ -78,7 +78,7 @@ def test_workflow_runs(server, wf):
 
 
 def test_broken_workflow_is_rejected(server):
-    ui = json.loads((ROOT / "workflows" / "trailing_ddim_txt2img.json").read_text())
+    ui = json.loads(H.workflow_path("trailing_ddim_txt2img").read_text())
     bad = json.loads(json.dumps(ui))
     bad["nodes"][0]["type"] = "NoSuchNodeType"
     with pytest.raises(ValueError, match="NoSuchNodeType"):
@@ -259,7 +259,7 @@ def test_long_sampling_is_interruptible(server, wf, node, steps_key):
     import time
     import uuid
 
-    api = H.shrink_for_tiny(H.ui_to_api(ROOT / "workflows" / f"{wf}.json", server.object_info))
+    api = H.shrink_for_tiny(H.ui_to_api(H.workflow_path(wf), server.object_info))
     k = next(i for i, v in api.items() if v["class_type"] == node)
     api[k]["inputs"][steps_key] = 1000
     for v in api.values():  # a fresh seed so ComfyUI's cache cannot answer
@@ -314,7 +314,7 @@ def test_depth_convention_reaches_the_mesh_node_through_comfyui(server, wf, says
     JD Joint Decode marked on the depth picture wired into it."""
     import uuid
 
-    api = H.shrink_for_tiny(H.ui_to_api(ROOT / "workflows" / f"{wf}.json", server.object_info))
+    api = H.shrink_for_tiny(H.ui_to_api(H.workflow_path(wf), server.object_info))
     k = next(i for i, v in api.items() if v["class_type"] == "JDRGBDToMesh")
     api[k]["inputs"]["depth_kind"] = "auto"
     api[k]["inputs"]["filename_prefix"] = f"jd_test/convention_{uuid.uuid4().hex[:8]}"

@@ -20,7 +20,7 @@ import comfy_harness as H  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (ship.shipped_dir() / ship.MANIFEST).is_file(),
                                 reason="the default family is not shipped in this checkout (weights/default_family)")
-WORKFLOW = ROOT / "workflows" / "panorama_360_depth_to_mesh.json"
+WORKFLOW = H.workflow_path("panorama_360_depth_to_mesh")
 
 
 @pytest.fixture(scope="module")

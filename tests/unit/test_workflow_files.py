@@ -15,10 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 import build_workflows as B  # noqa: E402
+import comfy_harness as H  # noqa: E402
 import workflow_layout as W  # noqa: E402
 from workflow_notes import NOTES  # noqa: E402
 
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = H.workflows()
+IDS = [H.workflow_id(p) for p in WORKFLOWS]
 TITLE_H = W.TITLE_H
 
 
@@ -40,11 +42,21 @@ def _inside(r, g) -> bool:
     return g[0] <= r[0] and g[1] <= r[1] and r[0] + r[2] <= g[0] + g[2] and r[1] + r[3] <= g[1] + g[3]
 
 
-def test_every_spec_is_shipped_and_every_file_has_a_spec():
-    assert {p.stem for p in WORKFLOWS} == set(B.SPECS) == set(NOTES)
+def test_every_spec_is_shipped_under_its_title():
+    """One file per spec, named by its title: the frontends' template browser shows a pack's templates by file
+    name (and the name again, with - and _ as spaces, as the description)."""
+    assert sorted(IDS) == sorted(B.SPECS) == sorted(NOTES)
+    bad = '/\\:*?"<>|'
+    for p, wid in zip(WORKFLOWS, IDS):
+        title = NOTES[wid][0]
+        assert p.name == f"{title}.json" and p.with_suffix(".jpg").is_file(), p.name
+        assert title.isascii() and not set(title) & set(bad) and "_" not in title, title
+        assert _load(p)["extra"]["jointdiffusion"]["title"] == title
+    with pytest.raises(FileNotFoundError, match="no shipped workflow 'nope'.*trailing_ddim_txt2img"):
+        H.workflow_path("nope")
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
 def test_note_says_what_and_which_files(path):
     wf = _load(path)
     notes = [n for n in wf["nodes"] if n["type"] == "Note"]
@@ -74,7 +86,7 @@ def test_note_says_what_and_which_files(path):
     assert extra["title"].strip() and extra["description"].strip()
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
 def test_layout_groups_no_overlaps_readable_view(path):
     wf = _load(path)
     nodes = wf["nodes"]
@@ -106,7 +118,7 @@ def test_layout_groups_no_overlaps_readable_view(path):
 def test_files_are_what_the_builder_writes(name):
     """Positions, sizes, groups, view and note in the file are the builder's current ones (re-run
     ``scripts/build_workflows.py`` after changing a spec, the layout or a note)."""
-    wf = _load(REPO / "workflows" / f"{name}.json")
+    wf = _load(H.workflow_path(name))
     spec = B.SPECS[name]
     title, _description, note = NOTES[name]
     lay = W.layout(spec["nodes"], spec["links"], note, title)
@@ -124,7 +136,7 @@ def test_joint_samplers_use_ksampler_denoise():
     for p in WORKFLOWS:
         for n in _load(p)["nodes"]:
             if n["type"] == "JDJointKSampler":
-                seen[p.stem] = n["widgets_values"][-1]
+                seen[H.workflow_id(p)] = n["widgets_values"][-1]
     assert seen and all(v > 0 for v in seen.values()), seen
     assert seen["jointnet_depth_refinement"] == 0.4 and seen["jointnet_text_to_rgbd"] == 1.0
 
