@@ -182,7 +182,7 @@ NOTES: dict[str, tuple[str, str, str]] = {
         "Text to 360 panorama to depth to mesh",
         "A 360° panorama, its depth and normals from a perspective predictor (views aligned jointly), a sphere "
         "mesh and 360° viewers.",
-        _note("Top row: a 360° panorama (circular MultiDiffusion). Bottom row: its depth and normals from a "
+        _note("A 360° panorama (circular MultiDiffusion), then its depth and normals from a "
               "perspective predictor — 18 overlapping views, each view's scale and shift solved jointly over all "
               "overlaps, blended without seams — then a sphere mesh (GLB) and 360° viewers of the panorama and its "
               "depth.",
