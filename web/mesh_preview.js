@@ -10,6 +10,8 @@ export const MESH_NODE = "JDRGBDToMesh";
 const WIDGET_NAME = "jd_mesh_viewer";
 const MIN_VIEWER_HEIGHT = 240;
 const MIN_NODE_WIDTH = 320;
+// A little from the right and above: the RGBD mesh's depth shows at once (0, 0 would be the photo's own view).
+const INITIAL_VIEW = { azimuth: 20, elevation: 12 };
 const HINT = "drag: orbit · wheel: zoom · right-drag: pan · double-click: reset";
 
 /**
@@ -70,7 +72,7 @@ function addDomViewer(node) {
   try { widget.serialize = false; } catch (_) { /* read-only in some frontends; options.serialize suffices */ }
   return {
     root, hint, widget,
-    get viewer() { return viewer || (viewer = new MeshViewer(canvas)); },
+    get viewer() { return viewer || (viewer = new MeshViewer(canvas, INITIAL_VIEW)); },
     destroy() { if (viewer) viewer.dispose(); viewer = null; },
   };
 }
@@ -85,7 +87,7 @@ function addCanvasViewer(node) {
     root: null, hint: { textContent: "" }, widget: null, rect: null, lastKey: "",
     get viewer() {
       if (!viewer) {
-        viewer = new MeshViewer(canvas, { interactive: false, autoResize: false });
+        viewer = new MeshViewer(canvas, { ...INITIAL_VIEW, interactive: false, autoResize: false });
         viewer.requestRender = () => node.setDirtyCanvas && node.setDirtyCanvas(true, false);
       }
       return viewer;

@@ -11,7 +11,7 @@
 //   azimuth   — rotation about the vertical (+Y) axis; 0 looks along −Z, from the +Z side (where the camera that
 //               took an RGBD picture stands: the picture appears unmirrored), +90 looks from the +X side.
 //   elevation — angle above the horizontal plane (+ looks down onto the mesh), clamped to ±85.
-//   distance  — camera–target distance; fitted so the bounding sphere fills the view at reset.
+//   distance  — camera–target distance; at reset, fitted so the mesh's bounding box fills the view.
 // Input (interactive viewers, via three's OrbitControls): drag to orbit (the mesh follows the pointer; a drag of
 // half the canvas height turns it 180°), wheel to zoom, right-drag / shift-drag to pan, double-click to reset.
 import * as THREE from "./vendor/three_bundle.js";
@@ -69,6 +69,28 @@ export function fitDistance(radius, fovDeg, aspect) {
   const half = (fovDeg * DEG) / 2;
   const halfH = Math.atan(Math.tan(half) * Math.min(1, aspect));  // the narrower of the two half angles
   return radius / Math.sin(halfH);
+}
+
+/**
+ * Smallest camera distance from the centre of the box [min, max] at which all of its corners are in view, for a
+ * camera looking at that centre from (azimuth, elevation) with a vertical fov and aspect = width / height.
+ */
+export function fitBoxDistance(min, max, azimuth, elevation, fovDeg, aspect) {
+  const back = viewOffset(azimuth, elevation, 1);  // unit vector from the centre to the camera
+  const a = azimuth * DEG;
+  const right = [Math.cos(a), 0, -Math.sin(a)];
+  const up = [back[1] * right[2] - back[2] * right[1], back[2] * right[0] - back[0] * right[2],
+    back[0] * right[1] - back[1] * right[0]];
+  const tanV = Math.tan((fovDeg * DEG) / 2), tanH = tanV * aspect;
+  const half = [0, 1, 2].map((i) => (max[i] - min[i]) / 2);
+  let d = 0;
+  for (const sx of [-1, 1]) for (const sy of [-1, 1]) for (const sz of [-1, 1]) {
+    const c = [sx * half[0], sy * half[1], sz * half[2]];
+    const dot = (v) => c[0] * v[0] + c[1] * v[1] + c[2] * v[2];
+    const z = dot(back);
+    d = Math.max(d, z + Math.abs(dot(right)) / tanH, z + Math.abs(dot(up)) / tanV);
+  }
+  return d;
 }
 
 function srgbToLinear(c) {
@@ -249,6 +271,7 @@ export class MeshViewer {
     if (box.isEmpty()) throw new Error("the mesh has no vertices");
     const sphere = box.getBoundingSphere(new THREE.Sphere());
     this.target.copy(sphere.center);
+    this.bounds = [box.min.toArray(), box.max.toArray()];
     this.radius = Math.max(sphere.radius, 1e-6);
     this.camera.near = this.radius / 1000;
     this.camera.far = this.radius * 100;
@@ -265,10 +288,13 @@ export class MeshViewer {
     return this.info;
   }
 
-  /** The fitted distance for the canvas' current aspect ratio. */
+  /** Distance at which the mesh's bounding box fills the view from the initial direction (with a margin). */
   fittedDistance() {
     const { width, height } = this._size();
-    return fitDistance(this.radius, this.camera.fov, width / height) * 1.05;
+    if (!this.bounds) return fitDistance(this.radius, this.camera.fov, width / height);
+    const { azimuth, elevation } = this.initialView;
+    const d = fitBoxDistance(this.bounds[0], this.bounds[1], azimuth, elevation, this.camera.fov, width / height);
+    return Math.max(d * 1.08, this.radius * 0.1);
   }
 
   /** Current view: {azimuth, elevation, distance} (degrees and scene units). */
@@ -325,6 +351,7 @@ export class MeshViewer {
 
   /** Remove the current mesh (freeing its GPU buffers). */
   clear() {
+    this.bounds = null;
     for (const child of [...this.root.children]) {
       child.traverse((o) => {
         if (o.geometry) o.geometry.dispose();
