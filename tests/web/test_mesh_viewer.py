@@ -17,10 +17,14 @@ error. ``JD_MESH_SCREENSHOT=/some/file.png`` keeps a copy of the screenshot to l
 """
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import statistics
+import subprocess
+import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -31,8 +35,8 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from jointcore import mesh as jm  # noqa: E402
-from test_viewer import (BROWSER_SERVICE_HOSTS, STUB_API, STUB_APP, WEB, Site,  # noqa: E402
-                         needs_chromium, run_chromium, trapped_host)
+from test_viewer import (BROWSER_SERVICE_HOSTS, CHROMIUM, QUIET_FLAGS, STUB_API, STUB_APP, WEB, Site,  # noqa: E402
+                         needs_chromium, trapped_host)
 
 RED, BLUE, BACKGROUND, PAGE = (200, 40, 40), (40, 60, 200), (24, 24, 24), (53, 53, 53)
 IMG_W, IMG_H = 64, 48
@@ -41,6 +45,7 @@ NEAR_LEFT, FAR_RIGHT = 2.0, 2.6   # depth of the red and of the blue half (a ste
 CELL, GAP, COLS = 180, 8, 4
 # WebGL through SwiftShader, without the deprecated automatic fallback (Chromium ≥ 137 warns, later ones refuse)
 GL_FLAGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+HOLD_S = 90  # the longest the page may take
 
 # id, file, options: what each cell shows and does. "swapped": red is expected on the right.
 CELLS = [
@@ -59,7 +64,7 @@ SWAPPED = {"glb_drag180", "old_frontend"}
 COLOURED = [c[0] for c in CELLS if c[0] != "glb_plain"]
 
 PAGE_JS = r"""
-import { MeshViewer, formatOf, siblingURL, viewOffset, fitDistance } from "/extensions/jointdiffusion/mesh_viewer.js";
+import { MeshViewer, formatOf, siblingURL, viewOffset, fitDistance, fitBoxDistance } from "/extensions/jointdiffusion/mesh_viewer.js";
 const CFG = __CFG__;
 const report = { errors: [], cells: {}, maths: {} };
 window.addEventListener("error", (e) => report.errors.push(String(e.message)));
@@ -181,6 +186,7 @@ async function oldCell(i, id, file) {
   old.onDrawForeground(nc.getContext("2d"));  // first draw: places the view (no mesh yet)
   await mod.showMesh(old, { "3d": [{ filename: file, subfolder: "jd", type: "output" }] });
   const r = old.jdMesh.rect;
+  const initial = old.jdMesh.viewer.getView();
   const captured = old.onMouseDown({ clientX: 100, clientY: 100 }, [r[0] + 5, r[1] + 5]);
   window.dispatchEvent(new MouseEvent("mousemove", { clientX: 100 + r[3] / 12, clientY: 100 }));  // 30°
   const firstMove = old.jdMesh.viewer.getView();
@@ -194,7 +200,7 @@ async function oldCell(i, id, file) {
   const v = old.jdMesh.viewer;
   const lm = landmarks(v);
   const at = (p) => [r[0] + p[0] * r[2] / v.canvas.width, r[1] + p[1] * r[3] / v.canvas.height].map((q) => q * scale);
-  report.cells[id] = { info: v.info, view: v.getView(), firstMove, captured, nodeSize: old.size, rect: r,
+  report.cells[id] = { info: v.info, initial, view: v.getView(), firstMove, captured, nodeSize: old.size, rect: r,
     landmarks: { red: at(lm.red), blue: at(lm.blue) }, box: [div.offsetLeft, div.offsetTop, CFG.cell, CFG.cell],
     viewBox: [div.offsetLeft + r[0] * scale, div.offsetTop + r[1] * scale, r[2] * scale, r[3] * scale] };
 }
@@ -211,8 +217,12 @@ async function main() {
       siblingURL("/files/a/m.obj", "m.png")];
     report.maths.offset = [viewOffset(0, 0, 2), viewOffset(90, 0, 2), viewOffset(0, 90, 2)];
     report.maths.fit = [fitDistance(1, 60, 1), fitDistance(1, 60, 0.5)];
+    const unit = [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]], flat = [[-2, -1, -0.1], [2, 1, 0.1]];
+    report.maths.fitBox = [fitBoxDistance(...unit, 0, 0, 90, 1), fitBoxDistance(...unit, 0, 0, 90, 2),
+      fitBoxDistance(...flat, 0, 0, 90, 1), fitBoxDistance(...flat, 90, 0, 90, 1), fitBoxDistance(...unit, 45, 0, 90, 1)];
     for (let i = 0; i < CFG.cells.length; i++) {
       const [id, file, opts] = CFG.cells[i];
+      console.log("JDCELL " + id);
       if (opts.mode === "comfy") await comfyCell(i, id, file);
       else if (opts.mode === "old") await oldCell(i, id, file);
       else await plainCell(i, id, file, opts);
@@ -228,9 +238,53 @@ async function main() {
 main();
 """
 
+# The hidden iframe's answer is held back until the page has posted its report, so the page's load event — when
+# Chromium takes its --screenshot — comes after the last viewer has drawn. (With --virtual-time-budget instead,
+# Chromium sometimes fast-forwarded through a mesh download on a busy machine and shot a half-built page.)
 PAGE_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>mesh viewer test</title>
 <style>html,body{margin:0;padding:0;background:#353535;overflow:hidden}</style></head>
-<body><script type="module" src="/page.js"></script></body></html>"""
+<body><script type="module" src="/page.js"></script>
+<iframe src="__HOLD__" style="display:none"></iframe></body></html>"""
+
+
+class Hold:
+    """127.0.0.1 server whose one page answers once ``ready()`` is true (or after HOLD_S seconds)."""
+
+    def __init__(self, ready):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                end = time.monotonic() + HOLD_S
+                while not ready() and time.monotonic() < end:
+                    time.sleep(0.05)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hold"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def run_chromium(site: Site, tmp: Path) -> tuple:
+    """Headless Chromium on the test page (the flags of test_viewer.run_chromium, no virtual time): it writes the
+    screenshot at the page's load event, i.e. once the report is in (see PAGE_HTML)."""
+    shot, profile = tmp / "mesh.png", tmp / "profile"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars", *QUIET_FLAGS,
+           *GL_FLAGS, "--enable-logging=stderr",  # the page's console in stderr: shown when the page never reports
+           "--force-device-scale-factor=1", f"--user-data-dir={profile}", f"--proxy-server={site.proxy}",
+           f"--screenshot={shot}", "--window-size=800,600", site.url + "/index.html"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HOLD_S + 60)
+    return proc, shot
 
 
 def synthetic_rgbd():
@@ -273,17 +327,21 @@ def site(tmp_path_factory):
     cfg = {"cell": CELL, "gap": GAP, "cols": COLS, "nearLeft": NEAR_LEFT, "farRight": FAR_RIGHT,
            "cells": [list(c) for c in CELLS]}
     (root / "page.js").write_text(PAGE_JS.replace("__CFG__", json.dumps(cfg)))
-    (root / "index.html").write_text(PAGE_HTML)
     s = Site(root)
+    hold = Hold(lambda: s.report is not None)
+    (root / "index.html").write_text(PAGE_HTML.replace("__HOLD__", hold.url))
     yield s, files
+    hold.close()
     s.close()
 
 
 @pytest.fixture(scope="module")
 def rendered(site, tmp_path_factory):
     s, files = site
-    proc, shot = run_chromium(s, tmp_path_factory.mktemp("chromium_mesh"), "mesh", extra_flags=GL_FLAGS)
-    assert s.report is not None, f"the test page never reported back.\nstderr: {proc.stderr[-3000:]}"
+    proc, shot = run_chromium(s, tmp_path_factory.mktemp("chromium_mesh"))
+    progress = [line.split('"')[1] for line in proc.stderr.splitlines() if '"JDCELL ' in line]
+    assert s.report is not None, (f"the test page never reported back (cells started: {progress}; requests: "
+                                  f"{[r[1] for r in s.requests]}).\nstderr: {proc.stderr[-3000:]}")
     assert shot.exists(), f"no screenshot written.\nstderr: {proc.stderr[-3000:]}"
     keep = os.environ.get("JD_MESH_SCREENSHOT")
     if keep:
@@ -333,6 +391,11 @@ def test_helpers(rendered):
     assert m["offset"][2] == pytest.approx([0, 2, 0], abs=1e-9)        # elevation 90: above
     assert m["fit"][0] == pytest.approx(2.0)                           # 1 / sin(30°)
     assert m["fit"][1] > m["fit"][0]                                   # a narrow view needs more distance
+    # box fit, 90° fov: a unit cube seen face-on needs 0.5 (its front) + 0.5 / tan 45°
+    assert m["fitBox"][0] == pytest.approx(1.0) and m["fitBox"][1] == pytest.approx(1.0)  # wider: the height limits
+    assert m["fitBox"][2] == pytest.approx(0.1 + 2.0)                  # a 4×2 card: its width limits
+    assert m["fitBox"][3] == pytest.approx(2.0 + 1.0)                  # the same card edge-on from +X: its height
+    assert m["fitBox"][4] == pytest.approx(2 ** -0.5 + 0.5)            # the cube edge-on: its edge 0.707 closer
 
 
 @needs_chromium
@@ -428,8 +491,10 @@ def test_left_right_and_rotation(rendered):
     assert v["dragged"]["distance"] == pytest.approx(v["initial"]["distance"], rel=1e-6)
     # the mesh follows the pointer: dragging right turns its front to the right, the camera goes to the −X side
     assert v["firstMove"]["azimuth"] == pytest.approx(-30, abs=1.0)
-    assert report["cells"]["old_frontend"]["firstMove"]["azimuth"] == pytest.approx(-30, abs=1.0)
-    assert abs(report["cells"]["old_frontend"]["view"]["azimuth"]) == pytest.approx(180, abs=1.0)
+    old = report["cells"]["old_frontend"]
+    assert old["initial"]["azimuth"] == pytest.approx(20) and old["initial"]["elevation"] == pytest.approx(12)
+    assert old["firstMove"]["azimuth"] == pytest.approx(20 - 30, abs=1.0)
+    assert old["view"]["azimuth"] == pytest.approx(20 - 180, abs=1.0)
     assert report["cells"]["old_frontend"]["captured"] is True        # a press on the view is not a node drag
 
 
@@ -450,6 +515,7 @@ def test_comfyui_extension_hooks(rendered):
     assert cell["stateBefore"] == "empty" and cell["state"] == "ready"
     assert cell["info"]["url"] == "/api/view?filename=rgbd_vertex.glb&subfolder=jd&type=output"  # the first mesh
     assert cell["info"]["format"] == "glb"
+    assert cell["view"]["azimuth"] == pytest.approx(20) and cell["view"]["elevation"] == pytest.approx(12)  # the node's
     assert "rgbd_vertex.glb" in cell["hint"] and "double-click" in cell["hint"]
     assert cell["widgets"] == [["jd_mesh_viewer", False]]          # one widget, never serialised
     assert cell["otherPatched"] == []                               # other node types untouched
