@@ -11,7 +11,7 @@
 //   azimuth   — rotation about the vertical (+Y) axis; 0 looks along −Z, from the +Z side (where the camera that
 //               took an RGBD picture stands: the picture appears unmirrored), +90 looks from the +X side.
 //   elevation — angle above the horizontal plane (+ looks down onto the mesh), clamped to ±85.
-//   distance  — camera–target distance; at reset, fitted so the mesh's bounding box fills the view.
+//   distance  — camera–target distance; at reset, fitted so the mesh (up to 20 000 of its vertices) fills the view.
 // Input (interactive viewers, via three's OrbitControls): drag to orbit (the mesh follows the pointer; a drag of
 // half the canvas height turns it 180°), wheel to zoom, right-drag / shift-drag to pan, double-click to reset.
 import * as THREE from "./vendor/three_bundle.js";
@@ -72,25 +72,53 @@ export function fitDistance(radius, fovDeg, aspect) {
 }
 
 /**
- * Smallest camera distance from the centre of the box [min, max] at which all of its corners are in view, for a
- * camera looking at that centre from (azimuth, elevation) with a vertical fov and aspect = width / height.
+ * Smallest camera distance from `center` at which all `points` (a flat [x0, y0, z0, x1, …] array) are in view, for a
+ * camera looking at `center` from (azimuth, elevation) with a vertical fov and aspect = width / height.
  */
-export function fitBoxDistance(min, max, azimuth, elevation, fovDeg, aspect) {
+export function fitPointsDistance(points, center, azimuth, elevation, fovDeg, aspect) {
   const back = viewOffset(azimuth, elevation, 1);  // unit vector from the centre to the camera
   const a = azimuth * DEG;
   const right = [Math.cos(a), 0, -Math.sin(a)];
   const up = [back[1] * right[2] - back[2] * right[1], back[2] * right[0] - back[0] * right[2],
     back[0] * right[1] - back[1] * right[0]];
   const tanV = Math.tan((fovDeg * DEG) / 2), tanH = tanV * aspect;
-  const half = [0, 1, 2].map((i) => (max[i] - min[i]) / 2);
   let d = 0;
-  for (const sx of [-1, 1]) for (const sy of [-1, 1]) for (const sz of [-1, 1]) {
-    const c = [sx * half[0], sy * half[1], sz * half[2]];
-    const dot = (v) => c[0] * v[0] + c[1] * v[1] + c[2] * v[2];
-    const z = dot(back);
-    d = Math.max(d, z + Math.abs(dot(right)) / tanH, z + Math.abs(dot(up)) / tanV);
+  for (let i = 0; i + 2 < points.length; i += 3) {
+    const x = points[i] - center[0], y = points[i + 1] - center[1], z = points[i + 2] - center[2];
+    const toCam = x * back[0] + y * back[1] + z * back[2];
+    const h = Math.abs(x * right[0] + y * right[1] + z * right[2]);
+    const v = Math.abs(x * up[0] + y * up[1] + z * up[2]);
+    d = Math.max(d, toCam + h / tanH, toCam + v / tanV);
   }
   return d;
+}
+
+/** fitPointsDistance for the 8 corners of the box [min, max], from its centre. */
+export function fitBoxDistance(min, max, azimuth, elevation, fovDeg, aspect) {
+  const corners = [];
+  for (const x of [min[0], max[0]]) for (const y of [min[1], max[1]]) for (const z of [min[2], max[2]]) corners.push(x, y, z);
+  const center = [0, 1, 2].map((i) => (min[i] + max[i]) / 2);
+  return fitPointsDistance(corners, center, azimuth, elevation, fovDeg, aspect);
+}
+
+/** Up to `max` world-space vertex positions of an object (evenly strided), as a flat array. */
+function samplePositions(object, max = 20000) {
+  const attrs = [];
+  let total = 0;
+  object.traverse((o) => {
+    const p = o.geometry && o.geometry.attributes.position;
+    if (p && (o.isMesh || o.isPoints)) { attrs.push([o, p]); total += p.count; }
+  });
+  const step = Math.max(1, Math.ceil(total / max));
+  const out = [];
+  const v = new THREE.Vector3();
+  for (const [o, p] of attrs) {
+    for (let i = 0; i < p.count; i += step) {
+      v.fromBufferAttribute(p, i).applyMatrix4(o.matrixWorld);
+      out.push(v.x, v.y, v.z);
+    }
+  }
+  return new Float32Array(out);
 }
 
 function srgbToLinear(c) {
@@ -271,7 +299,7 @@ export class MeshViewer {
     if (box.isEmpty()) throw new Error("the mesh has no vertices");
     const sphere = box.getBoundingSphere(new THREE.Sphere());
     this.target.copy(sphere.center);
-    this.bounds = [box.min.toArray(), box.max.toArray()];
+    this._fitPoints = samplePositions(object);
     this.radius = Math.max(sphere.radius, 1e-6);
     this.camera.near = this.radius / 1000;
     this.camera.far = this.radius * 100;
@@ -288,12 +316,13 @@ export class MeshViewer {
     return this.info;
   }
 
-  /** Distance at which the mesh's bounding box fills the view from the initial direction (with a margin). */
+  /** Distance at which the mesh fills the view from the initial direction (all its sampled vertices, a margin). */
   fittedDistance() {
     const { width, height } = this._size();
-    if (!this.bounds) return fitDistance(this.radius, this.camera.fov, width / height);
+    if (!this._fitPoints || !this._fitPoints.length) return fitDistance(this.radius, this.camera.fov, width / height);
     const { azimuth, elevation } = this.initialView;
-    const d = fitBoxDistance(this.bounds[0], this.bounds[1], azimuth, elevation, this.camera.fov, width / height);
+    const d = fitPointsDistance(this._fitPoints, this.target.toArray(), azimuth, elevation, this.camera.fov,
+      width / height);
     return Math.max(d * 1.08, this.radius * 0.1);
   }
 
@@ -351,7 +380,7 @@ export class MeshViewer {
 
   /** Remove the current mesh (freeing its GPU buffers). */
   clear() {
-    this.bounds = null;
+    this._fitPoints = null;
     for (const child of [...this.root.children]) {
       child.traverse((o) => {
         if (o.geometry) o.geometry.dispose();

@@ -64,7 +64,7 @@ SWAPPED = {"glb_drag180", "old_frontend"}
 COLOURED = [c[0] for c in CELLS if c[0] != "glb_plain"]
 
 PAGE_JS = r"""
-import { MeshViewer, formatOf, siblingURL, viewOffset, fitDistance, fitBoxDistance } from "/extensions/jointdiffusion/mesh_viewer.js";
+import { MeshViewer, formatOf, siblingURL, viewOffset, fitDistance, fitBoxDistance, fitPointsDistance } from "/extensions/jointdiffusion/mesh_viewer.js";
 const CFG = __CFG__;
 const report = { errors: [], cells: {}, maths: {} };
 window.addEventListener("error", (e) => report.errors.push(String(e.message)));
@@ -220,6 +220,9 @@ async function main() {
     const unit = [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]], flat = [[-2, -1, -0.1], [2, 1, 0.1]];
     report.maths.fitBox = [fitBoxDistance(...unit, 0, 0, 90, 1), fitBoxDistance(...unit, 0, 0, 90, 2),
       fitBoxDistance(...flat, 0, 0, 90, 1), fitBoxDistance(...flat, 90, 0, 90, 1), fitBoxDistance(...unit, 45, 0, 90, 1)];
+    const frustum = [];  // a small square near the camera side (z = +1), a large one far (z = −1): an RGBD mesh's shape
+    for (const [h, z] of [[0.2, 1], [1, -1]]) for (const x of [-h, h]) for (const y of [-h, h]) frustum.push(x, y, z);
+    report.maths.fitPoints = [fitPointsDistance(frustum, [0, 0, 0], 0, 0, 90, 1), fitBoxDistance([-1, -1, -1], [1, 1, 1], 0, 0, 90, 1)];
     for (let i = 0; i < CFG.cells.length; i++) {
       const [id, file, opts] = CFG.cells[i];
       console.log("JDCELL " + id);
@@ -396,6 +399,8 @@ def test_helpers(rendered):
     assert m["fitBox"][2] == pytest.approx(0.1 + 2.0)                  # a 4×2 card: its width limits
     assert m["fitBox"][3] == pytest.approx(2.0 + 1.0)                  # the same card edge-on from +X: its height
     assert m["fitBox"][4] == pytest.approx(2 ** -0.5 + 0.5)            # the cube edge-on: its edge 0.707 closer
+    # the points themselves: the near square needs 1 + 0.2, the far one −1 + 1; their bounding box would need 1 + 1
+    assert m["fitPoints"] == pytest.approx([1.2, 2.0])
 
 
 @needs_chromium
