@@ -161,7 +161,16 @@ async function comfyCell(i, id, file) {
   const detail = await loaded;
   const v = node.jdMesh.viewer;
   v.render();
+  // LiteGraph of 2024 saves every widget's value by position: the viewer's is dropped (only when it is the last)
+  const saved = { widgets_values: ["perspective", 60, "glb", ""] };
+  node.widgets.unshift({ name: "projection" }, { name: "fov_deg" }, { name: "format" });
+  node.onSerialize(saved);
+  const savedMiddle = { widgets_values: ["perspective", 60, "", "glb"] };
+  node.widgets.push(node.widgets.splice(3, 1)[0], node.widgets.splice(2, 1)[0]);  // viewer not last: left alone
+  node.onSerialize(savedMiddle);
+  node.widgets = node.widgets.filter((w) => w.element);
   report.cells[id] = { info: detail, view: v.getView(), landmarks: landmarks(v), state: el.dataset.state, stateBefore,
+    saved: saved.widgets_values, savedMiddle: savedMiddle.widgets_values,
     hint: el.textContent, sizeAfterCreate, nodeSize: node.size, widgets: node.widgets.map((w) => [w.name, w.options.serialize]),
     otherPatched: Object.keys(OtherNode.prototype), executedByOriginal,
     unknown: mod.meshFromMessage({ "3d": [{ filename: "a.fbx", subfolder: "", type: "output" }] }),
@@ -523,6 +532,8 @@ def test_comfyui_extension_hooks(rendered):
     assert cell["view"]["azimuth"] == pytest.approx(20) and cell["view"]["elevation"] == pytest.approx(12)  # the node's
     assert "rgbd_vertex.glb" in cell["hint"] and "double-click" in cell["hint"]
     assert cell["widgets"] == [["jd_mesh_viewer", False]]          # one widget, never serialised
+    assert cell["saved"] == ["perspective", 60, "glb"]              # ... nor saved by an old LiteGraph
+    assert cell["savedMiddle"] == ["perspective", 60, "", "glb"]    # unless other widgets come after it
     assert cell["otherPatched"] == []                               # other node types untouched
     assert cell["executedByOriginal"] == 1                          # the frontend's own onExecuted still runs
     assert cell["sizeAfterCreate"][0] >= 320 and cell["sizeAfterCreate"][1] >= 30 + 240  # room for the view
