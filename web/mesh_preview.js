@@ -104,6 +104,7 @@ function addCanvasViewer(node) {
     root: null, hint: { textContent: "" }, widget: null, rect: null, lastKey: "",
     get viewer() {
       if (!viewer) {
+        if (state.rect) { canvas.width = state.rect[2]; canvas.height = state.rect[3]; }  // fitted to the real shape
         viewer = new MeshViewer(canvas, { ...INITIAL_VIEW, interactive: false, autoResize: false });
         viewer.requestRender = () => node.setDirtyCanvas && node.setDirtyCanvas(true, false);
       }
@@ -125,8 +126,7 @@ function addCanvasViewer(node) {
       ctx.fillStyle = "#181818";
       ctx.fillRect(pad, y, w, h);
     } else {
-      const sizeChanged = canvas.width !== w || canvas.height !== h;
-      if (sizeChanged) viewer.renderer.setSize(w, h, false);
+      const sizeChanged = viewer.setSize(w, h);  // (refits an unchanged view to the new shape)
       const v = viewer.getView();
       const key = [w, h, v.azimuth, v.elevation, v.distance, viewer.info && viewer.info.vertices].join();
       if (key !== state.lastKey || sizeChanged) { viewer.render(); state.lastKey = key; }

@@ -16,7 +16,7 @@
 // half the canvas height turns it 180°), wheel to zoom, right-drag / shift-drag to pan, double-click to reset.
 import * as THREE from "./vendor/three_bundle.js";
 
-export const FORMATS = ["glb", "gltf", "ply", "obj"];
+export const FORMATS = ["glb", "ply", "obj"];  // what JDRGBDToMesh writes (a .gltf's external files are not resolved)
 const DEG = Math.PI / 180;
 const MAX_ELEVATION = 85;
 
@@ -220,7 +220,7 @@ export class MeshViewer {
   async load(url, format = formatOf(url)) {
     format = String(format || "").toLowerCase();
     let object;
-    if (format === "glb" || format === "gltf") object = await this._loadGLTF(url);
+    if (format === "glb") object = await this._loadGLTF(url);
     else if (format === "ply") object = await this._loadPLY(url);
     else if (format === "obj") object = await this._loadOBJ(url);
     else throw new Error(`cannot show '${format || url}': the 3D view reads ${FORMATS.join(", ")}`);
@@ -407,22 +407,31 @@ export class MeshViewer {
     this._raf = raf(() => { this._raf = 0; this.render(); });
   }
 
+  /**
+   * Set the drawing buffer's size (pixels); until the view is changed after a reset, the camera is refitted to the
+   * new shape. Called by render() for canvases that track their CSS size; call it for offscreen ones.
+   */
+  setSize(width, height) {
+    const c = this.canvas;
+    if (c.width === width && c.height === height) return false;
+    this.renderer.setSize(width, height, false);
+    if (this._fresh && this.hasMesh) {
+      const [x, y, z] = viewOffset(this.initialView.azimuth, this.initialView.elevation, this.fittedDistance());
+      this.camera.position.set(this.target.x + x, this.target.y + y, this.target.z + z);
+      this.camera.lookAt(this.target);
+      if (this.controls) this.controls.update();
+    }
+    this.requestRender();
+    return true;
+  }
+
   /** Size the drawing buffer to the canvas' displayed size (× devicePixelRatio, capped) and draw now. */
   render() {
     const c = this.canvas;
     const dpr = Math.min(2, (typeof window !== "undefined" && window.devicePixelRatio) || 1);
     const cw = c.clientWidth, ch = c.clientHeight;
     if (cw > 0 && ch > 0 && this.options.autoResize !== false) {
-      const w = Math.round(cw * dpr), h = Math.round(ch * dpr);
-      if (c.width !== w || c.height !== h) {
-        this.renderer.setSize(w, h, false);
-        if (this._fresh && this.hasMesh) {
-          const [x, y, z] = viewOffset(this.initialView.azimuth, this.initialView.elevation, this.fittedDistance());
-          this.camera.position.set(this.target.x + x, this.target.y + y, this.target.z + z);
-          this.camera.lookAt(this.target);
-          if (this.controls) this.controls.update();
-        }
-      }
+      this.setSize(Math.round(cw * dpr), Math.round(ch * dpr));
     }
     if (!c.width || !c.height) return;
     this.renderer.setViewport(0, 0, c.width, c.height);
