@@ -2,8 +2,8 @@
 Chromium, offline.
 
 The meshes are real files written by the pack's own exporter (:func:`jointcore.mesh.export_mesh`) from a synthetic
-RGB-D picture whose colours are known: the left half red, the right half blue, the right half farther away (a depth
-step the exporter cuts). Every format the node writes is shown: GLB with vertex colours, GLB with a texture, GLB
+RGB-D picture whose colours are known: the left half red, the right half blue, a green band along the top, the right
+half farther away (a depth step the exporter cuts). Every format the node writes is shown: GLB with vertex colours, GLB with a texture, GLB
 without colour, PLY, OBJ with vertex colours, OBJ with .mtl + .png texture, point-cloud PLY. A 127.0.0.1 site
 (the server and trap proxy of test_viewer.py) serves ``web/`` at ``/extensions/jointdiffusion/``, stand-ins for
 ComfyUI's ``/scripts/app.js`` and ``/scripts/api.js``, the files at ``/view`` and ``/api/view`` and a test page with
@@ -38,7 +38,8 @@ from jointcore import mesh as jm  # noqa: E402
 from test_viewer import (BROWSER_SERVICE_HOSTS, CHROMIUM, QUIET_FLAGS, STUB_API, STUB_APP, WEB, Site,  # noqa: E402
                          needs_chromium, trapped_host)
 
-RED, BLUE, BACKGROUND, PAGE = (200, 40, 40), (40, 60, 200), (24, 24, 24), (53, 53, 53)
+RED, BLUE, GREEN, BACKGROUND = (200, 40, 40), (40, 60, 200), (40, 170, 60), (24, 24, 24)
+TOP_ROWS = 12  # the top rows of the picture are GREEN (catches a texture or a mesh upside down)
 IMG_W, IMG_H = 64, 48
 NEAR_LEFT, FAR_RIGHT = 2.0, 2.6   # depth of the red and of the blue half (a step of 30 %: cut at 10 %)
 
@@ -300,13 +301,15 @@ def run_chromium(site: Site, tmp: Path) -> tuple:
 
 
 def synthetic_rgbd():
-    """``[3, H, W]`` image (left half RED, right half BLUE) and ``[H, W]`` depth (left NEAR_LEFT, right FAR_RIGHT)."""
+    """``[3, H, W]`` image (left half RED, right half BLUE, the top TOP_ROWS GREEN) and ``[H, W]`` depth (left
+    NEAR_LEFT, right FAR_RIGHT)."""
     img = torch.empty(3, IMG_H, IMG_W)
     dep = torch.empty(IMG_H, IMG_W)
     half = IMG_W // 2
     for c in range(3):
         img[c, :, :half] = RED[c] / 255.0
         img[c, :, half:] = BLUE[c] / 255.0
+        img[c, :TOP_ROWS] = GREEN[c] / 255.0
     dep[:, :half], dep[:, half:] = NEAR_LEFT, FAR_RIGHT
     return img, dep
 
@@ -368,11 +371,12 @@ def near(a, b, tol):
 def classify(img, box, tol=45):
     """Pixels of a cell near RED / BLUE: their (x, y) and colours, plus every colour of the cell."""
     x0, y0, w, h = (int(round(q)) for q in box)
-    found = {"red": [], "blue": [], "other": []}
+    found = {"red": [], "blue": [], "green": [], "other": []}
     for y in range(y0 + 2, y0 + h - 2):
         for x in range(x0 + 2, x0 + w - 2):
             p = img.getpixel((x, y))
-            key = "red" if near(p, RED, tol) else "blue" if near(p, BLUE, tol) else "other"
+            key = ("red" if near(p, RED, tol) else "blue" if near(p, BLUE, tol) else "green" if near(p, GREEN, tol)
+                   else "other")
             found[key].append((x, y, p))
     return found
 
@@ -449,7 +453,8 @@ def test_it_renders(rendered):
 
 @needs_chromium
 def test_colours_are_the_files_colours(rendered):
-    """Red and blue are shown as stored (unlit, sRGB as in the picture): the median of each is within a few levels."""
+    """Red, blue and green are shown as stored (unlit, sRGB as in the picture): the median of each is within a few
+    levels; the green band is above both halves (nothing is upside down, in any format, rotated or not)."""
     report, img, _, _ = rendered
     bad = []
     for cid in COLOURED:
@@ -458,10 +463,16 @@ def test_colours_are_the_files_colours(rendered):
             others = statistics.mode(p[2] for p in found["other"]) if found["other"] else None
             bad.append(f"{cid}: {len(found['red'])} red and {len(found['blue'])} blue pixels (commonest other {others})")
             continue
-        for key, ref in (("red", RED), ("blue", BLUE)):
+        if len(found["green"]) < 100:
+            bad.append(f"{cid}: {len(found['green'])} green pixels")
+            continue
+        for key, ref in (("red", RED), ("blue", BLUE), ("green", GREEN)):
             got = median_colour(found[key])
             if not near(got, ref, 8):
                 bad.append(f"{cid}: {key} shows as {got}, the file has {ref}")
+        gy, ry, by = (statistics.mean(p[1] for p in found[k]) for k in ("green", "red", "blue"))
+        if not gy < min(ry, by):
+            bad.append(f"{cid}: the green band (mean y {gy:.0f}) is not above red ({ry:.0f}) and blue ({by:.0f})")
     assert not bad, "\n".join(bad)
 
 
@@ -469,7 +480,7 @@ def test_colours_are_the_files_colours(rendered):
 def test_uncoloured_mesh_is_lit_grey(rendered):
     report, img, _, _ = rendered
     found = classify(img, report["cells"]["glb_plain"]["box"])
-    assert not found["red"] and not found["blue"]
+    assert not found["red"] and not found["blue"] and not found["green"]
     mesh = [p[2] for p in found["other"] if not near(p[2], BACKGROUND, 6)]
     assert len(mesh) > 3000
     grey = median_colour([(0, 0, p) for p in mesh])
