@@ -107,7 +107,8 @@ class JDRGBDToMesh:
     CATEGORY = CATEGORY + "/mesh"
     DESCRIPTION = ("Build a triangle mesh (or point cloud) from an RGB image and a depth/disparity map for a "
                    "perspective, cylindrical or equirectangular camera, cut at depth discontinuities, and write "
-                   "one GLB/PLY/OBJ file per batch item into the output folder (never overwrites).")
+                   "one GLB/PLY/OBJ file per batch item into the output folder (never overwrites). The first "
+                   "mesh is shown in the node after the run (drag: orbit, wheel: zoom, double-click: reset).")
 
     def export(self, image, depth, projection, fov_deg, horizontal_span_deg, depth_kind, near, far,
                discontinuity_threshold, downsample, format, filename_prefix, color="vertex", normals=True,
