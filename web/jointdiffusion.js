@@ -64,10 +64,27 @@ function addDomViewer(node) {
     setValue: () => {},
   });
   try { widget.serialize = false; } catch (_) { /* read-only in some frontends; options.serialize suffices */ }
+  keepViewerOutOfWorkflow(node, widget);
   return {
     root, hint, widget,
     get viewer() { return viewer || (viewer = new PanoramaViewer(canvas, { fov: 90 })); },
     destroy() { if (viewer) viewer.destroy(); viewer = null; },
+  };
+}
+
+/**
+ * Leave the viewer out of the saved workflow's widgets_values: the LiteGraph of the March-2024 frontend saves
+ * every widget's value by position, ignoring serialize: false, which appended a '' to the node's values. Only
+ * when the viewer is the last widget (nothing after it would shift).
+ */
+function keepViewerOutOfWorkflow(node, widget) {
+  const onSerialize = node.onSerialize;
+  node.onSerialize = function (o) {
+    const r = onSerialize ? onSerialize.apply(this, arguments) : undefined;
+    const ws = this.widgets || [];
+    const vals = o && o.widgets_values;
+    if (Array.isArray(vals) && vals.length === ws.length && ws[ws.length - 1] === widget) vals.pop();
+    return r;
   };
 }
 
