@@ -76,7 +76,7 @@ GRAPH_STATE = r"""() => {
     if (w > 0 && h > 0) overlaps.push({ a: `${rects[i].type} #${rects[i].id}`, b: `${rects[j].type} #${rects[j].id}`,
                                         overlap_px: [w, h] });
   }
-  const text = n => [...(n.widgets || []).map(w => w.value), ...(n.widgets_values || [])]
+  const text = n => (n.widgets?.length ? n.widgets.map(w => w.value) : (n.widgets_values || []))
     .filter(v => typeof v === "string").join("\n").trim();
   const notes = nodes.filter(n => __NOTES__.includes(n.type)).map(n => ({ id: n.id, type: n.type, text: text(n) }));
   const groups = (g._groups || g.groups || []).map(gr => ({
@@ -238,7 +238,9 @@ def ran(loaded, frontend):
     wf, _ = loaded
     fe, page, server = frontend, frontend.page, frontend.server
     # the harness's small sizes (the API run of test_comfyui uses the same), set on the widgets
-    api = H.ui_to_api(wf, server.object_info)
+    ui = json.loads(wf.read_text())  # notes are frontend-only nodes without links: not part of the prompt
+    ui["nodes"] = [n for n in ui["nodes"] if n["type"] not in NOTE_TYPES]
+    api = H.ui_to_api(ui, server.object_info)
     small = H.shrink_for_tiny(api)
     changes = [[int(nid), k, v] for nid, node in small.items() for k, v in node["inputs"].items()
                if v != api[nid]["inputs"][k]]
