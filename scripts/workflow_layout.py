@@ -54,8 +54,8 @@ MIN_H = {
     "VAEDecode": 46, "VAEEncode": 46,
 }
 # room a node's pictures or viewer take after a run (LoadImage: as soon as a picture is chosen)
-RESULT_ROOM = {"LoadImage": 280, "SaveImage": 280, "PreviewImage": 280, "JDPanoramaPreview": 60,
-               "JDRGBDToMesh": 320}
+RESULT_ROOM = {"LoadImage": 280, "SaveImage": 280, "PreviewImage": 280, "JDPanoramaPreview": 280,
+               "JDRGBDToMesh": 320, "JDSaveRawPrediction": 280}
 WIDE = {"JDPanoramaPreview": 480, "CLIPTextEncode": 400, "JDRGBDToMesh": 360}
 EXTRA_H = {"CLIPTextEncode": 70}  # a multi-line prompt box a little taller than its minimum
 

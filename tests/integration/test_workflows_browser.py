@@ -95,6 +95,29 @@ DIALOGS = r"""() => {
 CLOSE_DIALOGS = r"""() => { try { window.app.ui?.dialog?.close?.(); } catch (e) {} }"""
 
 # the whole graph (nodes and groups) on screen, at most 1:1
+# the opening view (scale, the "Read me" group's title bar on screen), the widgets hidden for another method, and
+# the widget values the frontend would save
+OPENED = r"""() => {
+  const c = window.app.canvas, g = window.app.graph, ds = c.ds;
+  const groups = g._groups || g.groups || [];
+  const readme = groups.find(gr => String(gr.title).startsWith("Read me"));
+  const b = readme ? Array.from(readme._bounding || readme.bounding) : null;
+  const toScreen = (x, y) => [(x + ds.offset[0]) * ds.scale, (y + ds.offset[1]) * ds.scale];
+  const nodes = g._nodes || g.nodes || [];
+  return {
+    scale: ds.scale,
+    canvas: [c.canvas.width / (window.devicePixelRatio || 1), c.canvas.height / (window.devicePixelRatio || 1)],
+    readme_title_on_screen: b ? [...toScreen(b[0], b[1]), ...toScreen(b[0] + b[2], b[1] + 40)] : null,
+    hidden: nodes.filter(n => (n.widgets || []).some(w => w.hidden)).map(n => ({
+      id: n.id, type: n.type, method: ((n.widgets || []).find(w => w.name === "method") || {}).value,
+      hidden: n.widgets.filter(w => w.hidden).map(w => w.name)})),
+    methods: nodes.filter(n => n.type === "JDTiledDiffusionSampler").map(n => ({
+      id: n.id, method: n.widgets.find(w => w.name === "method").value,
+      hidden: n.widgets.filter(w => w.hidden).map(w => w.name)})),
+    saved: Object.fromEntries(window.app.graph.serialize().nodes.map(n => [n.id, n.widgets_values || []])),
+  };
+}"""
+
 FIT_VIEW = r"""() => {
   const c = window.app.canvas, g = window.app.graph;
   const boxes = [...(g._nodes || g.nodes || []).map(n => Array.from(n.getBounding())),
@@ -211,7 +234,7 @@ def frontend(server):
         browser.close()
 
 
-@pytest.fixture(scope="module", params=WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+@pytest.fixture(scope="module", params=WORKFLOWS, ids=[H.workflow_id(w) for w in WORKFLOWS])
 def loaded(request, frontend):
     """The workflow loaded in the page: the graph state and dialogs right after loading."""
     wf: Path = request.param
@@ -222,13 +245,15 @@ def loaded(request, frontend):
     fe.settle()
     shown = page.evaluate(DIALOGS)
     fe.dismiss()
+    opened = page.evaluate(OPENED)  # the view the workflow opens with, and what saving it would write
+    page.screenshot(path=str(fe.out / f"{H.workflow_id(wf)}_opened.png"))
     page.evaluate(FIT_VIEW)
     fe.settle()
     state = page.evaluate(GRAPH_STATE)
-    state.update(shown, load_s=round(time.time() - t0, 2))
-    page.screenshot(path=str(fe.out / f"{wf.stem}_loaded.png"))
-    fe.record(wf.stem, "loaded", state)
-    fe.report.setdefault("sequence", []).append(f"loaded {wf.stem}")
+    state.update(shown, opened=opened, load_s=round(time.time() - t0, 2))
+    page.screenshot(path=str(fe.out / f"{H.workflow_id(wf)}_loaded.png"))
+    fe.record(H.workflow_id(wf), "loaded", state)
+    fe.report.setdefault("sequence", []).append(f"loaded {H.workflow_id(wf)}")
     return wf, state
 
 
@@ -251,14 +276,14 @@ def ran(loaded, frontend):
     server.post("/free", {"unload_models": False, "free_memory": True})
     time.sleep(1.0)  # the flag is read by ComfyUI's queue loop, which wakes up on it
     t0 = time.time()
-    how = "button" if wf.stem == BUTTON_WORKFLOW else "app.queuePrompt"
+    how = "button" if H.workflow_id(wf) == BUTTON_WORKFLOW else "app.queuePrompt"
     if how == "button":
         page.locator(RUN_BUTTON).first.click()
     else:
         page.evaluate("() => window.app.queuePrompt(0, 1)")
     page.wait_for_function("() => window.__jd.queued.length > 0")
     queued = page.evaluate("() => window.__jd.queued[0]")
-    assert "prompt_id" in queued, f"the frontend could not queue {wf.stem}: {queued}"
+    assert "prompt_id" in queued, f"the frontend could not queue {H.workflow_id(wf)}: {queued}"
     pid = queued["prompt_id"]
     entry = None
     while time.time() - t0 < RUN_TIMEOUT_S:
@@ -268,19 +293,19 @@ def ran(loaded, frontend):
             entry = h[pid]
             break
         time.sleep(0.25)
-    assert entry is not None, f"{wf.stem}: prompt {pid} did not finish within {RUN_TIMEOUT_S}s"
+    assert entry is not None, f"{H.workflow_id(wf)}: prompt {pid} did not finish within {RUN_TIMEOUT_S}s"
     run_s = time.time() - t0
     outputs = sorted(entry.get("outputs", {}), key=str)
     cached = [n for m in entry.get("status", {}).get("messages", []) if m[0] == "execution_cached"
               for n in m[1].get("nodes", [])]
-    assert not cached, f"{wf.stem}: ComfyUI answered nodes {cached} from its cache despite /free"
+    assert not cached, f"{H.workflow_id(wf)}: ComfyUI answered nodes {cached} from its cache despite /free"
     # the outputs reach the page as 'executed' messages; image outputs are then loaded into node.imgs
     try:
         page.wait_for_function("ids => ids.every(id => window.__jd.executed.includes(id))", arg=outputs,
                                timeout=30_000)
     except Exception as e:  # noqa: BLE001
         seen = page.evaluate("() => window.__jd.executed")
-        raise AssertionError(f"{wf.stem}: the page got 'executed' for {seen}, the history has outputs of "
+        raise AssertionError(f"{H.workflow_id(wf)}: the page got 'executed' for {seen}, the history has outputs of "
                              f"{outputs} ({type(e).__name__})") from None
     image_nodes = [int(k) for k, v in entry["outputs"].items() if v.get("images")]
     try:
@@ -294,9 +319,9 @@ def ran(loaded, frontend):
     state.update(page.evaluate(DIALOGS), how=how, run_s=round(run_s, 2), status=entry.get("status", {}),
                  outputs={k: sorted(v) for k, v in entry["outputs"].items()},
                  images={i: page.evaluate(NODE_IMAGES, i) for i in image_nodes})
-    page.screenshot(path=str(fe.out / f"{wf.stem}_run.png"))
-    fe.record(wf.stem, "run", state)
-    fe.report.setdefault("sequence", []).append(f"ran {wf.stem} ({how})")
+    page.screenshot(path=str(fe.out / f"{H.workflow_id(wf)}_run.png"))
+    fe.record(H.workflow_id(wf), "run", state)
+    fe.report.setdefault("sequence", []).append(f"ran {H.workflow_id(wf)} ({how})")
     return wf, state, entry
 
 
@@ -307,53 +332,81 @@ def _overlap_text(state: dict) -> str:
 # ---- after loading -------------------------------------------------------------------------------------------
 def test_no_missing_nodes(loaded):
     wf, st = loaded
-    assert st["nodes"], f"{wf.stem}: no nodes in the graph after loading"
-    assert not st["missing"], f"{wf.stem}: node types the frontend does not know: {st['missing']}"
+    assert st["nodes"], f"{H.workflow_id(wf)}: no nodes in the graph after loading"
+    assert not st["missing"], f"{H.workflow_id(wf)}: node types the frontend does not know: {st['missing']}"
     dialogs = [d for d in st["dialogs"] if re.search(r"not found|missing", d, re.I)]
-    assert not dialogs, f"{wf.stem}: missing-nodes dialog: {dialogs}"
-    assert not st["error_toasts"], f"{wf.stem}: error toasts after loading: {st['error_toasts']}"
+    assert not dialogs, f"{H.workflow_id(wf)}: missing-nodes dialog: {dialogs}"
+    assert not st["error_toasts"], f"{H.workflow_id(wf)}: error toasts after loading: {st['error_toasts']}"
 
 
 def test_no_overlapping_nodes_after_load(loaded):
     wf, st = loaded
-    assert not st["overlaps"], f"{wf.stem}: overlapping node rectangles after loading:\n{_overlap_text(st)}"
+    assert not st["overlaps"], f"{H.workflow_id(wf)}: overlapping node rectangles after loading:\n{_overlap_text(st)}"
 
 
 def test_has_notes(loaded):
     wf, st = loaded
     texts = [n for n in st["notes"] if n["text"]]
-    assert texts, f"{wf.stem}: no note node ({'/'.join(NOTE_TYPES)}) with text; notes: {st['notes']}"
+    assert texts, f"{H.workflow_id(wf)}: no note node ({'/'.join(NOTE_TYPES)}) with text; notes: {st['notes']}"
+
+
+def test_opens_at_a_readable_zoom(loaded):
+    """The frontend draws node text from zoom 0.6 up; the note's group title is on screen when it opens."""
+    wf, st = loaded
+    o = st["opened"]
+    assert o["scale"] >= 0.6, f"{H.workflow_id(wf)} opens at zoom {o['scale']}"
+    x0, y0, x1, y1 = o["readme_title_on_screen"]
+    w, h = o["canvas"]
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, (H.workflow_id(wf), o["readme_title_on_screen"], o["canvas"])
+
+
+def test_saving_keeps_the_widget_values(loaded):
+    """What the frontend would save is what the file says (no viewer value appended, no value shifted)."""
+    wf, st = loaded
+    saved = {int(k): v for k, v in st["opened"]["saved"].items()}
+    for n in json.loads(wf.read_text())["nodes"]:
+        assert saved[n["id"]] == n.get("widgets_values", []), (H.workflow_id(wf), n["type"], saved[n["id"]])
+
+
+def test_only_the_chosen_methods_inputs_show(loaded):
+    """SyncDiffusion's own inputs are hidden while another method is chosen (web/method_inputs.js)."""
+    wf, st = loaded
+    sync = {"sync_weight", "sync_decay", "sync_freq", "sync_thres", "lpips_net"}
+    for n in st["opened"]["methods"]:
+        want = set() if str(n["method"]).startswith("syncdiffusion") else sync
+        assert set(n["hidden"]) == want, (H.workflow_id(wf), n)
+    assert all(n["type"] == "JDTiledDiffusionSampler" for n in st["opened"]["hidden"]), st["opened"]["hidden"]
 
 
 def test_has_groups(loaded):
     wf, st = loaded
-    assert st["groups"], f"{wf.stem}: no groups"
-    assert all(g["title"] for g in st["groups"]), f"{wf.stem}: untitled groups: {st['groups']}"
+    assert st["groups"], f"{H.workflow_id(wf)}: no groups"
+    assert all(g["title"] for g in st["groups"]), f"{H.workflow_id(wf)}: untitled groups: {st['groups']}"
 
 
 # ---- after a run from the page -------------------------------------------------------------------------------
 def test_run_from_frontend(ran):
     wf, st, entry = ran
-    assert st["status"].get("status_str") == "success", f"{wf.stem}: {json.dumps(st['status'])[:4000]}"
-    assert st["outputs"], f"{wf.stem}: the run produced no output"
+    assert st["status"].get("status_str") == "success", f"{H.workflow_id(wf)}: {json.dumps(st['status'])[:4000]}"
+    assert st["outputs"], f"{H.workflow_id(wf)}: the run produced no output"
     dialogs = [d for d in st["dialogs"] if d]
-    assert not dialogs and not st["error_toasts"], f"{wf.stem}: after the run: {dialogs} {st['error_toasts']}"
+    assert not dialogs and not st["error_toasts"], f"{H.workflow_id(wf)}: after the run: {dialogs} {st['error_toasts']}"
 
 
 def test_no_overlapping_nodes_after_run(ran):
     wf, st, _ = ran
-    assert not st["overlaps"], f"{wf.stem}: overlapping node rectangles after the run:\n{_overlap_text(st)}"
+    assert not st["overlaps"], f"{H.workflow_id(wf)}: overlapping node rectangles after the run:\n{_overlap_text(st)}"
 
 
-@pytest.mark.parametrize("loaded", [w for w in WORKFLOWS if w.stem == BUTTON_WORKFLOW], indirect=True,
+@pytest.mark.parametrize("loaded", [w for w in WORKFLOWS if H.workflow_id(w) == BUTTON_WORKFLOW], indirect=True,
                          ids=[BUTTON_WORKFLOW])
 def test_run_button_shows_preview(ran):
     wf, st, entry = ran
     assert st["how"] == "button"
     files = {im["filename"] for v in entry["outputs"].values() for im in v.get("images", [])}
-    assert files, f"{wf.stem} returned no image"
+    assert files, f"{H.workflow_id(wf)} returned no image"
     shown = [im for ims in st["images"].values() for im in ims]
-    assert shown, f"{wf.stem}: no node shows a preview image"
+    assert shown, f"{H.workflow_id(wf)}: no node shows a preview image"
     for im in shown:
         assert im["complete"] and im["w"] > 0 and im["h"] > 0, im
         assert "/view?" in im["src"], im
