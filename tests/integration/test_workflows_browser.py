@@ -241,6 +241,9 @@ def loaded(request, frontend):
     fe, page = frontend, frontend.page
     fe.dismiss()
     t0 = time.time()
+    # a fresh page's view (the screenshots below change it): frontends that restore a workflow's saved view
+    # replace it, the March-2024 frontend keeps it
+    page.evaluate("() => { const ds = window.app.canvas.ds; ds.scale = 1; ds.offset[0] = 0; ds.offset[1] = 0; }")
     page.evaluate("wf => window.app.loadGraphData(wf)", json.loads(wf.read_text()))
     fe.settle()
     shown = page.evaluate(DIALOGS)
@@ -361,11 +364,14 @@ def test_opens_at_a_readable_zoom(loaded):
 
 
 def test_saving_keeps_the_widget_values(loaded):
-    """What the frontend would save is what the file says (no viewer value appended, no value shifted)."""
+    """What the frontend would save is what the file says: exactly, for the pack's nodes (their viewers add no
+    value, nothing shifts); core nodes may add their own (the March-2024 LoadImage saves its upload button)."""
     wf, st = loaded
     saved = {int(k): v for k, v in st["opened"]["saved"].items()}
     for n in json.loads(wf.read_text())["nodes"]:
-        assert saved[n["id"]] == n.get("widgets_values", []), (H.workflow_id(wf), n["type"], saved[n["id"]])
+        want = n.get("widgets_values", [])
+        got = saved[n["id"]] if n["type"].startswith("JD") else saved[n["id"]][:len(want)]
+        assert got == want, (H.workflow_id(wf), n["type"], saved[n["id"]])
 
 
 def test_only_the_chosen_methods_inputs_show(loaded):
