@@ -24,7 +24,7 @@ def _note(does: str, models: list[str], first: list[str], time: str) -> str:
     lines = [does, "", "MODEL FILES (under ComfyUI/models/)"]
     lines += [f"• {m}" for m in models]
     lines += ["", "CHANGE FIRST"] + [f"• {f}" for f in first]
-    lines += ["", "TIME", time, "", NO_WEIGHTS]
+    lines += ["", "TIME (rough estimate, not measured on a GPU)", time, "", NO_WEIGHTS]
     return "\n".join(lines)
 
 
