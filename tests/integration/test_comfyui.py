@@ -310,8 +310,8 @@ def test_family_runs_use_the_worlds_prompts_and_a_heldout_scene(server, tmp_path
 @pytest.mark.parametrize("wf,says", [("predictor_depth_to_mesh", "says depth (near = dark)"),
                                      ("jointnet_rgbd_panorama_to_mesh", "says disparity (near = bright)")])
 def test_depth_convention_reaches_the_mesh_node_through_comfyui(server, wf, says):
-    """Through ComfyUI's executor, RGBD to Mesh with depth_kind auto reads the convention that JD Predict /
-    JD Joint Decode marked on the depth picture wired into it."""
+    """Through ComfyUI's executor, RGBD to Mesh with depth_kind auto reads the convention that Predict Depth /
+    Normals and Joint Decode marked on the depth picture wired into it."""
     import uuid
 
     api = H.shrink_for_tiny(H.ui_to_api(H.workflow_path(wf), server.object_info))

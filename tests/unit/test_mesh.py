@@ -619,9 +619,9 @@ def test_a_cancelled_obj_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_depth_kind_auto_reads_the_convention_the_depth_picture_carries(node_module, caplog):
-    """JD Predict's depth (near = dark) and JointNet's (near = bright) wired straight into RGBD to Mesh with
-    depth_kind auto give the same, correctly ordered geometry; an unmarked picture is read as disparity;
-    JD Depth Convention marks (and optionally flips) any picture; a normal map is refused."""
+    """Predict Depth / Normals' depth (near = dark) and JointNet's (near = bright) wired straight into RGBD to Mesh
+    with depth_kind auto give the same, correctly ordered geometry; an unmarked picture is read as disparity;
+    Depth Convention marks (and optionally flips) any picture; a normal map is refused."""
     import logging
 
     mod, out = node_module
@@ -629,7 +629,7 @@ def test_depth_kind_auto_reads_the_convention_the_depth_picture_carries(node_mod
     req = mod.JDRGBDToMesh.INPUT_TYPES()["required"]
     assert req["depth_kind"][0][0] == "auto" and req["depth_kind"][1]["default"] == "auto"
     near_left = torch.linspace(0.1, 0.9, 8).repeat(1, 6, 1)[..., None].expand(1, 6, 8, 3).contiguous()  # depth
-    as_depth = common.tag_depth(near_left.clone(), "depth")           # JD Predict: near = dark
+    as_depth = common.tag_depth(near_left.clone(), "depth")           # Predict Depth / Normals: near = dark
     as_disparity = common.tag_depth(1.0 - near_left, "disparity")     # JointNet: near = bright
 
     def distances(depth_img, kind="auto"):
