@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import workflow_layout
+from comfy_harness import workflow_id
 from workflow_notes import NOTES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -375,11 +376,6 @@ def _default(spec: list):
     if isinstance(head, list):
         return head[0] if head else ""
     return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}[head]
-
-
-def workflow_id(path: Path) -> str:
-    """A shipped workflow's id (``extra.jointdiffusion.id``; files written before ids existed: the file name)."""
-    return json.loads(path.read_text()).get("extra", {}).get("jointdiffusion", {}).get("id", path.stem)
 
 
 NOTE_ID = 99  # the workflow's Note (a frontend-only node: not sent to the server)

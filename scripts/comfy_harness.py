@@ -271,7 +271,7 @@ class PromptError(RuntimeError):
     pass
 
 
-FRONTEND_ONLY = {"Note", "MarkdownNote"}  # canvas-only node types of the frontends (virtual nodes)
+FRONTEND_ONLY = frozenset({"Note", "MarkdownNote"})  # the frontends' note nodes: canvas only, never in a prompt
 
 
 def ui_to_api(ui_workflow: dict | str | Path, object_info: dict) -> dict:

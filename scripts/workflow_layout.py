@@ -153,11 +153,11 @@ def layout(nodes: list[dict], links: list[tuple], note: str, title: str = "Read 
     the opening view. Consecutive small stages share a column, one group under the other.
 
     Returns {"pos": {id: [x, y]}, "size": {id: [w, h]}, "note": (pos, size), "groups": [...], "ds": {"scale",
-    "offset"}, "bbox": [x, y, w, h], "fits": bool}."""
+    "offset"}}."""
     x0, y0 = ORIGIN
     nw, nh = note_size(note)
     note_rect = ([x0 + GROUP_PAD, y0 + GROUP_HEAD + TITLE_H], [nw, nh])
-    titles = {key: (title, colour) for key, title, colour, _ in STAGES}
+    group_style = {key: (name, colour) for key, name, colour, _ in STAGES}
     # columns of stages: a stage goes under the previous one when both fit in MAX_COLUMN together
     columns: list[list[tuple[str, list[list[dict]]]]] = []
     col_h = 0
@@ -165,7 +165,7 @@ def layout(nodes: list[dict], links: list[tuple], note: str, title: str = "Read 
         cols = _stack(members)
         h = _height(cols) + GROUP_HEAD + 2 * GROUP_PAD
         prev = columns[-1] if columns else None
-        if (prev and stage not in ("models", "output") and prev[-1][0] not in ("models",)
+        if (prev and stage != "output" and prev[-1][0] != "models"
                 and len(cols) == 1 and all(len(c) == 1 for _s, c in prev)
                 and col_h + GROUP_GAP + h <= MAX_COLUMN):
             prev.append((stage, cols))
@@ -192,8 +192,8 @@ def layout(nodes: list[dict], links: list[tuple], note: str, title: str = "Read 
                     y += size[n["id"]][1] + GAP_Y + TITLE_H
                 cx += w + GAP_X
             gh = _height(cols) + GROUP_HEAD + 2 * GROUP_PAD
-            title, colour = titles[stage]
-            groups.append({"title": title, "bounding": [x, top, gw, gh], "color": colour, "font_size": 24})
+            name, colour = group_style[stage]
+            groups.append({"title": name, "bounding": [x, top, gw, gh], "color": colour, "font_size": 24})
             top += gh + GROUP_GAP
         for g in groups[-len(column):]:  # groups sharing a column share its width
             g["bounding"][2] = col_w
@@ -210,5 +210,4 @@ def layout(nodes: list[dict], links: list[tuple], note: str, title: str = "Read 
         ox = VIEW_X0 / scale - x0 + 10
         oy = VIEW_Y0 / scale - y0 + 10
     return {"pos": pos, "size": size, "note": note_rect, "groups": groups,
-            "ds": {"scale": scale, "offset": [round(ox, 1), round(oy, 1)]}, "bbox": [x0, y0, bw, bh],
-            "fits": fit >= scale}
+            "ds": {"scale": scale, "offset": [round(ox, 1), round(oy, 1)]}}

@@ -23,10 +23,9 @@ MESH_EXT = (".glb", ".ply", ".obj")
 W, H, TITLE_H = 512, 384, 44
 
 
-def _title(path: Path) -> str:
+def _title(path: Path, wid: str) -> str:
     wf = json.loads(path.read_text())
-    name = comfy_harness.workflow_id(path)
-    t = wf.get("extra", {}).get("jointdiffusion", {}).get("title") or name.replace("_", " ")
+    t = wf.get("extra", {}).get("jointdiffusion", {}).get("title") or wid.replace("_", " ")
     return t.translate(str.maketrans({"×": "x", "→": "->", "°": " deg", "—": "-", "–": "-", "θ": "theta",
                                       "ε": "eps"}))
 
@@ -114,7 +113,7 @@ def main() -> int:
             print(f"{wid}: no image or mesh outputs in {src / wid}; thumbnail unchanged")
             continue
         pics = [Image.open(p) for p in outs] + [mesh_preview(p) for p in meshes]
-        card(pics, _title(wf)).save(Path(a.to) / f"{wf.stem}.jpg", quality=88)
+        card(pics, _title(wf, wid)).save(Path(a.to) / f"{wf.stem}.jpg", quality=88)
         print(f"{wid}: {len(outs)} images, {len(meshes)} meshes")
     return 0
 

@@ -48,23 +48,17 @@ function setHidden(node, widget, hidden) {
 /** Show or hide the method-specific widgets of `node` for its current method; resize the node to fit. */
 export function applyMethod(node) {
   const spec = METHOD_INPUTS[node.comfyClass || node.type];
-  if (!spec || !node.widgets) return [];
-  const control = node.widgets.find((w) => w.name === spec.control);
-  if (!control) return [];
+  const control = spec && node.widgets && node.widgets.find((w) => w.name === spec.control);
+  if (!control) return;
   let changed = false;
-  const hidden = [];
   for (const w of node.widgets) {
     const rule = spec.shownWhen[w.name];
-    if (!rule) continue;
-    const hide = !rule(control.value);
-    changed = setHidden(node, w, hide) || changed;
-    if (hide) hidden.push(w.name);
+    if (rule) changed = setHidden(node, w, !rule(control.value)) || changed;
   }
   if (changed && typeof node.computeSize === "function" && typeof node.setSize === "function" && node.size) {
     node.setSize([node.size[0], node.computeSize()[1]]);
     if (node.setDirtyCanvas) node.setDirtyCanvas(true, true);
   }
-  return hidden;
 }
 
 app.registerExtension({

@@ -51,7 +51,7 @@ if not os.path.exists(CHROMIUM):
 
 WORKFLOWS = H.workflows()
 BUTTON_WORKFLOW = "trailing_ddim_txt2img"  # run through the Run / Queue Prompt button, its preview checked
-NOTE_TYPES = ("Note", "MarkdownNote")
+NOTE_TYPES = sorted(H.FRONTEND_ONLY)  # the frontends' note nodes ("Note", "MarkdownNote")
 VIEWPORT = {"width": 1920, "height": 1080}
 OUT = ROOT / "out" / "browser"
 RUN_TIMEOUT_S = 600
@@ -266,9 +266,7 @@ def ran(loaded, frontend):
     wf, _ = loaded
     fe, page, server = frontend, frontend.page, frontend.server
     # the harness's small sizes (the API run of test_comfyui uses the same), set on the widgets
-    ui = json.loads(wf.read_text())  # notes are frontend-only nodes without links: not part of the prompt
-    ui["nodes"] = [n for n in ui["nodes"] if n["type"] not in NOTE_TYPES]
-    api = H.ui_to_api(ui, server.object_info)
+    api = H.ui_to_api(wf, server.object_info)  # (notes are left out, as the frontend leaves them out)
     small = H.shrink_for_tiny(api)
     changes = [[int(nid), k, v] for nid, node in small.items() for k, v in node["inputs"].items()
                if v != api[nid]["inputs"][k]]
