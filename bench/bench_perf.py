@@ -13,11 +13,14 @@ Parts (each prints its target next to the figure):
   times higher there (a property of the machine, not of the code: the user time stays linear).
 * **decode** — tiled / whole VAE decode peak memory at 4096×1024 px (target ≤ 0.25; fresh process each) and the
   PSNR of the tiled decode against the whole decode on a smooth latent (seams would lower it).
-* **sync** — SyncDiffusion with its gradient passes batched across views against the official loop's structure
-  (every view alone, LPIPS computing the anchor's features again for each view), at the paper's settings (50 DDIM
-  steps, the first 10 synchronised, w 20, decay 0.95, LPIPS VGG, stride 16/64 of the window; target ≤ 0.5), and
-  both against MultiDiffusion; tiny random models. ``--real-size`` adds one repetition with an SD 2.x-sized UNet
-  and VAE on a small panorama (few steps, every step synchronised).
+* **sync** — SyncDiffusion with its gradient passes batched across views (in groups bounded by the memory their
+  backward keeps) against the official loop's structure (``tests/official_syncdiffusion.py``: every view alone,
+  the anchor's gradient computed and discarded, LPIPS computing the anchor's features again for each view), at
+  the paper's settings (50 DDIM steps, the first 10 synchronised, w 20, decay 0.95, LPIPS VGG, stride 16/64 of
+  the window; target ≤ 0.5), and both against MultiDiffusion; tiny random models. Measured twice, in fresh
+  processes: with glibc's default allocator and with one that reuses freed memory (:data:`MALLOC_REUSE`).
+  ``--real-size`` adds one repetition with an SD 2.x-sized UNet and VAE on a small panorama (few steps, every
+  step synchronised).
 """
 from __future__ import annotations
 
@@ -174,10 +177,29 @@ def decode_part(args) -> None:
 
 # ---- SyncDiffusion -----------------------------------------------------------------------------------------
 
+#: glibc's malloc serves every block over 32 MiB from a fresh mmap and unmaps it on free, so a batched gradient
+#: pass page-faults its large activations in again on every call (about 0.4 ms per MiB on this VM); a caching
+#: allocator (PyTorch's on a GPU; jemalloc / tcmalloc, which PyTorch's CPU tuning guide recommends) reuses them.
+#: These settings make glibc keep and reuse freed memory instead.
+MALLOC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+
+
 def sync_part(args) -> None:
+    """The SyncDiffusion measurement twice, each in a fresh process: with glibc's default allocator and with
+    :data:`MALLOC_REUSE` (both structures under the same allocator in each)."""
+    for name, env in (("glibc default allocator", {}), ("allocator reusing freed memory (MALLOC_REUSE)", MALLOC_REUSE)):
+        print(f"## {name}", flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--_sync", "--repeats", str(args.repeats), "--device",
+               args.device, "--real-steps", str(args.real_steps)] + (["--real-size"] if args.real_size else [])
+        subprocess.run(cmd, env=dict(os.environ, **env), check=True)
+
+
+def _sync_measure(args) -> None:
     import torch
 
     import bench_tiled as BT
+    from official_syncdiffusion import official_syncdiffusion
+
     from jointcore.denoiser import DiffusersUNetDenoiser, TextConditioning
     from jointcore.metrics_pano import load_lpips
     from jointcore.schedules import alphas_cumprod, ddim_timesteps
@@ -194,10 +216,17 @@ def sync_part(args) -> None:
         return den, vae, cond
 
     def run(den, vae, cond, perc, x, ts, cfg, official: bool) -> tuple[float, torch.Tensor]:
+        def decode(z):
+            return vae.decode(z / 0.18215).sample
+
+        if official:  # the official loop's structure (tests/official_syncdiffusion.py)
+            t0 = time.perf_counter()
+            out = official_syncdiffusion(den, x, ts, cond, decode, perc, cfg.window, cfg.stride, cfg.sync_weight,
+                                         cfg.sync_decay, cfg.sync_freq, cfg.sync_thres)
+            return time.perf_counter() - t0, out
         stats = TiledStats()
-        p = (lambda a, b: perc(a, b)) if official else perc  # noqa: E731 - a plain function: no feature reuse
-        out = tiled_sample(den, x, ts, cond, cfg, decode=lambda z: vae.decode(z / 0.18215).sample, perceptual=p,
-                           stats=stats, generator=torch.Generator().manual_seed(0))
+        out = tiled_sample(den, x, ts, cond, cfg, decode=decode, perceptual=perc, stats=stats,
+                           generator=torch.Generator().manual_seed(0))
         return stats.seconds, out
 
     perc = load_lpips("vgg", random_backbone=True).to(args.device)
@@ -272,11 +301,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--_mesh", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_faults", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_sync", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._mesh:
         return _mesh_worker(args._mesh, list(FORMATS))
     if args._faults:
         return _fault_worker()
+    if args._sync:
+        return _sync_measure(args)
     parts = args.only or ["mesh", "decode", "sync"]
     t0 = time.perf_counter()
     for part in parts:

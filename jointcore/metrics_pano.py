@@ -96,6 +96,46 @@ def load_lpips_backbone_weights(model: torch.nn.Module, path: str) -> None:
                          f"{missing[:3]}…)")
 
 
+class _ReferenceLayerTerm(torch.autograd.Function):
+    """One LPIPS layer's distance of features ``f [k·B,C,h,w]`` to a fixed reference, per image:
+    ``mean_hw (A/n² − 2X/n + R)`` with ``S = Σ_c f_c²``, ``n = √S + ε``, ``A = Σ_c w_c f_c²``,
+    ``X = Σ_c (w r̂)_c f_c`` (``wr [B,C,h,w]``: the weights times the normalised reference, image ``i`` against
+    reference ``i mod B``) and ``R = Σ_c w_c r̂_c²`` (``rr [B,h,w]``).
+
+    Its gradient in closed form: ``∂/∂f_c = f_c (2 w_c/n² + κ) − 2 (w r̂)_c / n`` with
+    ``κ = (2X/n² − 2A/n³) / √S`` (0 where ``S`` is clamped), times the upstream gradient over ``h·w``.
+    """
+
+    @staticmethod
+    def forward(ctx, f, w, wr, rr):
+        n_img, c, h, wd = f.shape
+        B = wr.shape[0]
+        k = n_img // B
+        sq = f * f
+        S = sq.sum(1)
+        A = torch.nn.functional.conv2d(sq, w.view(1, c, 1, 1))[:, 0]  # Σ_c w f²
+        del sq
+        X = (f.view(k, B, c, h, wd) * wr).sum(2).view(n_img, h, wd)  # Σ_c w r̂ f
+        root = S.clamp_min(1e-30).sqrt()
+        inv = 1.0 / (root + 1e-10)  # lpips.normalize_tensor's 1 / (‖f‖ + eps)
+        d = A * inv * inv - 2 * X * inv + rr.repeat(k, 1, 1)
+        kappa = torch.where(S > 1e-30, (2 * X * inv * inv - 2 * A * inv * inv * inv) / root, torch.zeros_like(S))
+        ctx.save_for_backward(f, w, wr, inv, kappa)
+        return d.mean((-2, -1))
+
+    @staticmethod
+    def backward(ctx, g):
+        f, w, wr, inv, kappa = ctx.saved_tensors
+        n_img, c, h, wd = f.shape
+        B = wr.shape[0]
+        gp = (g / (h * wd)).view(n_img, 1, 1)
+        # three passes over [N,C,h,w]: (w·2g/n² + gκ), times f, minus wr·2g/n (fused, no temporaries)
+        out = torch.addcmul((gp * kappa)[:, None], w.view(1, c, 1, 1), (2 * gp * inv * inv)[:, None])
+        out.mul_(f)
+        out.view(n_img // B, B, c, h, wd).addcmul_(wr, (2 * gp * inv).view(n_img // B, B, 1, h, wd), value=-1)
+        return out, None, None, None
+
+
 def reference_loss(perceptual, reference: torch.Tensor):
     """``img → perceptual(img, reference)`` for many images against one fixed ``reference`` ``[B,3,H,W]`` (images
     in batches of ``m·B``, image ``i`` against reference ``i mod B``). SyncDiffusion compares every view with
@@ -106,9 +146,13 @@ def reference_loss(perceptual, reference: torch.Tensor):
     * each layer's term ``mean_hw Σ_c w_c (f̂_c − r̂_c)²`` (``f̂ = f / (‖f‖_c + ε)``, ``r̂`` the reference's, ``w``
       the LPIPS linear weights) is expanded as ``Σ_c w_c f_c² / n² − 2 Σ_c w_c r̂_c f_c / n + Σ_c w_c r̂_c²`` with
       ``n = ‖f‖_c + ε``: three channel reductions of the raw features instead of normalising, subtracting and
-      squaring full-size tensors (and their backward passes), which took a third of the LPIPS gradient's time on
-      a CPU. Equal to ``LPIPS.forward`` within float rounding (tested); a feature pixel that is exactly zero in
-      every channel gets a zero gradient where ``LPIPS.forward``'s ``sqrt`` gives NaN.
+      squaring full-size tensors, which took a third of the LPIPS gradient's time on a CPU;
+    * each layer's term is one autograd function (:class:`_ReferenceLayerTerm`) whose backward is the closed-form
+      gradient, a few passes over the features instead of the chain of products, sums and their accumulations
+      autograd would record (11 % less time for the whole VGG LPIPS gradient on this CPU).
+
+    Equal to ``LPIPS.forward`` within float rounding, value and gradient (tested); a feature pixel that is exactly
+    zero in every channel gets a zero gradient where ``LPIPS.forward``'s ``sqrt`` gives NaN.
     """
     B = reference.shape[0]
     names = ("scaling_layer", "net", "lins", "L", "version", "lpips", "spatial")
@@ -136,18 +180,10 @@ def reference_loss(perceptual, reference: torch.Tensor):
             layers.append((w, wr, (wr * r).sum(1)))  # Σ_c w r̂² [B,h,w]
 
     def loss(img):
-        n_img = img.shape[0]
-        k = n_img // B
         val = 0
         for (w, wr, rr), f in zip(layers, m.net.forward(prep(img))):
-            _, c, h, wd = f.shape
-            sq = f * f
-            norm = sq.sum(1).clamp_min(1e-30).sqrt() + 1e-10  # lpips.normalize_tensor's ‖f‖ + eps
-            wsq = torch.nn.functional.conv2d(sq, w.to(f).view(1, c, 1, 1))[:, 0]  # Σ_c w f²
-            cross = (f.view(k, B, c, h, wd) * wr.to(f)).sum(2).view(n_img, h, wd)  # Σ_c w r̂ f
-            d = wsq / (norm * norm) - 2 * cross / norm + rr.to(f).repeat(k, 1, 1)
-            val = val + d.mean((-2, -1)).view(n_img, 1, 1, 1)
-        return val
+            val = val + _ReferenceLayerTerm.apply(f, w.to(f), wr.to(f), rr.to(f))
+        return val.view(-1, 1, 1, 1)
     return loss
 
 

@@ -29,6 +29,7 @@ circular wrap in x, for panoramas whose whole-image decoder activations do not f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -194,6 +195,10 @@ class TiledConfig:
         window, stride: view size and step, an int or ``(h, w)``.
         circular: wrap views around in x (360° panorama).
         view_batch: views per denoiser call.
+        sync_memory_mib: memory bound of one batched SyncDiffusion gradient pass (the activations kept for its
+            backward, measured on the first view of each size); views are grouped up to ``view_batch`` within
+            it. 0 = automatic: half the free GPU memory, or on a CPU a quarter of the available RAM and at most
+            2 GiB (a CPU is no faster for larger groups and slower to fault in fresh memory).
         boundary: linear boundary decay width (JointNet: 8); 0 = uniform view weights (MultiDiffusion).
         random_offset: shift the view grid by ``randint(stride)`` each step (JointNet), wrap-around in x;
             :func:`tiled_sample` also takes explicit per-step offsets.
@@ -210,6 +215,7 @@ class TiledConfig:
     stride: IntPair = 8
     circular: bool = False
     view_batch: int = 1
+    sync_memory_mib: float = 0.0
     boundary: IntPair = 0
     random_offset: bool = False
     whole_image_weight: float = 0.0
@@ -224,6 +230,8 @@ class TiledConfig:
     def __post_init__(self):
         if self.view_batch < 1:
             raise ValueError(f"view_batch must be >= 1, got {self.view_batch}")
+        if self.sync_memory_mib < 0:
+            raise ValueError(f"sync_memory_mib must be >= 0 (0 = automatic), got {self.sync_memory_mib}")
         if self.sync_freq < 1:
             raise ValueError(f"sync_freq must be >= 1, got {self.sync_freq}")
         if self.sync_weight < 0 or self.whole_image_weight < 0:
@@ -271,6 +279,8 @@ class TiledStats:
     sync_steps: int = 0
     seconds: float = 0.0
     views_per_step: list = field(default_factory=list)
+    sync_group_views: dict = field(default_factory=dict)  # views per SyncDiffusion gradient group, by view size
+    sync_view_bytes: dict = field(default_factory=dict)   # activations one view's gradient pass keeps, by view size
 
     @property
     def nfe(self) -> int:
@@ -298,6 +308,46 @@ def sync_active(i: int, cfg: TiledConfig) -> bool:
 def whole_image_active(i: int, n_steps: int, cfg: TiledConfig) -> bool:
     """JointNet whole-image view on step ``i`` iff ``i <= int(n_steps · until)``."""
     return cfg.whole_image_weight > 0 and i <= int(n_steps * cfg.whole_image_until)
+
+
+
+def sync_memory_budget(cfg: TiledConfig, device: torch.device) -> int:
+    """Bytes one batched SyncDiffusion gradient pass may keep for its backward (:attr:`TiledConfig.sync_memory_mib`)."""
+    if cfg.sync_memory_mib > 0:
+        return int(cfg.sync_memory_mib * 2**20)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    from .models.preflight import available_bytes
+
+    avail = available_bytes()
+    return int(min(2 * 2**30, avail // 4)) if avail else 2 * 2**30
+
+
+class _SavedBytes:
+    """Counts the bytes autograd keeps for the backward pass inside the ``with`` block: the activations (tensors
+    with a ``grad_fn``), each storage once; weights and other leaves are not counted (they are not per view)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._seen: set = set()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        if t.grad_fn is not None:
+            st = t.untyped_storage()
+            key = (st.data_ptr(), st.nbytes())
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
 
 
 def sync_view_update(denoiser: Denoiser, x_view: torch.Tensor, t: torch.Tensor, cond: Any, anchor_image: torch.Tensor,
@@ -436,6 +486,8 @@ def tiled_sample(
                      "than the %d-latent window, so there is a single view across and nothing wraps around; "
                      "use a wider panorama or a smaller window for a 360° panorama", W, ww)
 
+    sync_group: dict[tuple[int, int], int] = {}   # views per gradient group, by view size (measured)
+    budget: Optional[int] = None
     for i, (t, tp) in enumerate(zip(ts, prev)):
         if steps_offsets is not None:
             oy, ox = steps_offsets[i]
@@ -472,19 +524,32 @@ def tiled_sample(
             # every view's gradient is taken from the same step-start latent, so the gradient passes (denoiser,
             # decoder, LPIPS) run batched over view_batch views with one backward each: the per-view losses are
             # independent, so each view's slice of the batched gradient is its own gradient
+            # The groups are bounded in memory: the first view of each size is run alone and the activations
+            # it keeps for its backward are measured; later groups hold as many views as fit the budget.
             by_size: dict[tuple[int, int], list] = {}
             for j, v in enumerate(views):
                 if j != a_idx:
                     by_size.setdefault((v.height, v.width), []).append((j, v))
-            for members in by_size.values():
-                for k in range(0, len(members), cfg.view_batch):
-                    chunk = members[k:k + cfg.view_batch]
+            for size, members in by_size.items():
+                k = 0
+                while k < len(members):
+                    measure = size not in sync_group and cfg.view_batch > 1
+                    g = 1 if measure else sync_group.get(size, cfg.view_batch)
+                    chunk = members[k:k + g]
+                    k += len(chunk)
                     if check is not None:
                         check()
                     m = len(chunk)
                     xs = torch.cat([crop_view(x, v) for _, v in chunk])
-                    new = sync_view_update(denoiser, xs, tt1.repeat(m), _repeat_cond(cond, m, B), anchor_img,
-                                           decode, perceptual, w_i, cfg.sync_channels, loss=anchor_loss)
+                    with (_SavedBytes() if measure else contextlib.nullcontext()) as saved:
+                        new = sync_view_update(denoiser, xs, tt1.repeat(m), _repeat_cond(cond, m, B), anchor_img,
+                                               decode, perceptual, w_i, cfg.sync_channels, loss=anchor_loss)
+                    if measure:
+                        if budget is None:
+                            budget = sync_memory_budget(cfg, torch.device(dev))
+                        sync_group[size] = max(1, min(cfg.view_batch, budget // max(saved.bytes, 1)))
+                        stats.sync_group_views[size] = sync_group[size]
+                        stats.sync_view_bytes[size] = saved.bytes
                     stats.grad_evals += m
                     stats.denoiser_calls += 1
                     stats.decodes += 1

@@ -584,3 +584,62 @@ def test_batched_sync_gradients_equal_the_per_view_loop():
                                  perceptual=perc, stats=st, generator=torch.Generator().manual_seed(0)))
         assert st.grad_evals == 3 * 8  # 9 views, the anchor excluded, 3 synchronised steps
     assert (outs[0] - outs[1]).abs().max() < 5e-3
+
+
+def test_syncdiffusion_equals_the_official_loop_structure():
+    """tiled_sample's SyncDiffusion (gradient passes batched, LPIPS against the anchor's features computed once)
+    gives the official loop's result: every view alone, the anchor's gradient computed and discarded, LPIPS.forward
+    (tests/official_syncdiffusion.py). In float64, so that only the order of operations could differ."""
+    from official_syncdiffusion import official_syncdiffusion
+
+    torch.manual_seed(0)
+    unet, vae = tiny_unet(sample_size=8).eval().double(), tiny_vae().eval().double()
+    den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
+    cond = TextConditioning(torch.randn(1, 5, 32).double(), torch.randn(1, 5, 32).double(), 7.5)
+    perc = load_lpips("vgg", random_backbone=True).double()
+    ts = ddim_timesteps(6, "leading", steps_offset=1)
+    x = torch.randn(1, 4, 8, 40).double()
+
+    def decode(z):
+        return vae.decode(z / 0.18215).sample
+
+    want = official_syncdiffusion(den, x, ts, cond, decode, perc, window=8, stride=4, weight=20.0, decay=0.95,
+                                  sync_thres=3)
+    got = tiled_sample(den, x, ts, cond, TiledConfig.syncdiffusion(window=8, stride=4, sync_thres=3, view_batch=16),
+                       decode=decode, perceptual=perc, generator=torch.Generator().manual_seed(0))
+    plain = tiled_sample(den, x, ts, cond, TiledConfig.multidiffusion(window=8, stride=4, view_batch=16))
+    assert (want - plain).abs().max() > 5e-2  # the synchronisation moved the result
+    assert (got - want).abs().max() < 1e-9
+
+
+def test_sync_gradient_groups_are_bounded_by_memory():
+    """The first view's gradient pass is measured (the activations its backward keeps); later groups hold as many
+    views as fit sync_memory_mib, up to view_batch, and the result does not depend on the grouping."""
+    torch.manual_seed(0)
+    unet, vae = tiny_unet(sample_size=8).eval().double(), tiny_vae().eval().double()
+    den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
+    cond = TextConditioning(torch.randn(1, 5, 32).double(), torch.randn(1, 5, 32).double(), 7.5)
+    perc = load_lpips("alex", random_backbone=True).double()
+    ts = ddim_timesteps(4, "leading", steps_offset=1)
+    x = torch.randn(1, 4, 8, 40).double()
+
+    def run(mib, vb=5):
+        st = TiledStats()
+        cfg = TiledConfig.syncdiffusion(window=8, stride=4, sync_thres=2, view_batch=vb, sync_memory_mib=mib)
+        out = tiled_sample(den, x, ts, cond, cfg, decode=lambda z: vae.decode(z / 0.18215).sample, perceptual=perc,
+                           stats=st)
+        return out, st
+
+    big, st_big = run(1e6)
+    per_view = st_big.sync_view_bytes[(8, 8)]
+    # an 8×8 latent view: at least its 64×64 px decoded image and LPIPS' first features, in float64
+    assert per_view > 64 * 64 * 3 * 8
+    assert st_big.sync_group_views == {(8, 8): 5}
+    two, st_two = run(2.5 * per_view / 2**20)
+    assert st_two.sync_group_views == {(8, 8): 2}
+    one, st_one = run(1e-6)
+    assert st_one.sync_group_views == {(8, 8): 1}
+    assert st_big.grad_evals == st_two.grad_evals == st_one.grad_evals == 2 * 8
+    assert (big - two).abs().max() < 1e-9 and (big - one).abs().max() < 1e-9
+    with pytest.raises(ValueError, match="sync_memory_mib"):
+        TiledConfig(sync_memory_mib=-1)
