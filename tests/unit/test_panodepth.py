@@ -267,6 +267,26 @@ def test_metrics_are_zero_for_the_truth_and_see_a_seam(equirect):
     assert E.normal_error(n, n) < 0.1 and abs(E.normal_error(-n, n) - 180) < 0.1
 
 
+def test_seam_excess_sees_seams_not_noise(equirect):
+    """Noise that is stronger near the horizon (where the layouts' borders run) raises the seam pairs' error above
+    the interior's without any seam; the seam excess compares rows with rows and stays near 0. A step at a view
+    border is a seam."""
+    gt = equirect["distance"][0, 0]
+    grid = PanoGrid("equirectangular", 64, 128)
+    seam, interior = E.seam_pairs(grid, 90)
+    assert abs(E.seam_excess(gt, gt, seam, interior)) < 1e-9
+    lat = (torch.arange(64, dtype=torch.float64) + 0.5) / 64 * math.pi - math.pi / 2
+    amp = 0.01 * torch.cos(lat)[:, None] ** 4
+    noisy = gt.double() * torch.exp(amp * torch.randn(64, 128, generator=torch.Generator().manual_seed(0),
+                                                      dtype=torch.float64))
+    raw_seam, raw_int = E.jump_error(noisy, gt, seam), E.jump_error(noisy, gt, interior)
+    assert raw_seam > 1.2 * raw_int
+    assert abs(E.seam_excess(noisy, gt, seam, interior)) < 0.05 * raw_seam
+    stepped = noisy.clone()
+    stepped[:, 64:] *= 1.1
+    assert E.seam_excess(stepped, gt, seam, interior) > 0.5 * raw_seam
+
+
 # ---- the command line -----------------------------------------------------------------------------------
 def test_cli_writes_depth_and_normals_for_a_folder_and_keeps_existing_files(tmp_path, equirect):
     import numpy as np
