@@ -227,6 +227,10 @@ def _sync_measure(args) -> None:
         stats = TiledStats()
         out = tiled_sample(den, x, ts, cond, cfg, decode=decode, perceptual=perc, stats=stats,
                            generator=torch.Generator().manual_seed(0))
+        if stats.sync_view_bytes:
+            print("    " + ", ".join(f"views of {h}x{w} latents: {b / 2**20:.0f} MiB kept per view for the backward, "
+                                      f"{stats.sync_group_views[(h, w)]} per gradient group"
+                                      for (h, w), b in stats.sync_view_bytes.items()), flush=True)
         return stats.seconds, out
 
     perc = load_lpips("vgg", random_backbone=True).to(args.device)
