@@ -586,23 +586,27 @@ def test_batched_sync_gradients_equal_the_per_view_loop():
     assert (outs[0] - outs[1]).abs().max() < 5e-3
 
 
+def _sync_setup_f64(net: str, steps: int):
+    """Tiny UNet and VAE, text conditioning, LPIPS and a 8×40 latent, all in float64 (results comparable to 1e-9)."""
+    torch.manual_seed(0)
+    unet, vae = tiny_unet(sample_size=8).eval().double(), tiny_vae().eval().double()
+    den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
+    cond = TextConditioning(torch.randn(1, 5, 32).double(), torch.randn(1, 5, 32).double(), 7.5)
+    perc = load_lpips(net, random_backbone=True).double()
+
+    def decode(z):
+        return vae.decode(z / 0.18215).sample
+
+    return den, decode, cond, perc, ddim_timesteps(steps, "leading", steps_offset=1), torch.randn(1, 4, 8, 40).double()
+
+
 def test_syncdiffusion_equals_the_official_loop_structure():
     """tiled_sample's SyncDiffusion (gradient passes batched, LPIPS against the anchor's features computed once)
     gives the official loop's result: every view alone, the anchor's gradient computed and discarded, LPIPS.forward
     (tests/official_syncdiffusion.py). In float64, so that only the order of operations could differ."""
     from official_syncdiffusion import official_syncdiffusion
 
-    torch.manual_seed(0)
-    unet, vae = tiny_unet(sample_size=8).eval().double(), tiny_vae().eval().double()
-    den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
-    cond = TextConditioning(torch.randn(1, 5, 32).double(), torch.randn(1, 5, 32).double(), 7.5)
-    perc = load_lpips("vgg", random_backbone=True).double()
-    ts = ddim_timesteps(6, "leading", steps_offset=1)
-    x = torch.randn(1, 4, 8, 40).double()
-
-    def decode(z):
-        return vae.decode(z / 0.18215).sample
-
+    den, decode, cond, perc, ts, x = _sync_setup_f64("vgg", 6)
     want = official_syncdiffusion(den, x, ts, cond, decode, perc, window=8, stride=4, weight=20.0, decay=0.95,
                                   sync_thres=3)
     got = tiled_sample(den, x, ts, cond, TiledConfig.syncdiffusion(window=8, stride=4, sync_thres=3, view_batch=16),
@@ -615,19 +619,12 @@ def test_syncdiffusion_equals_the_official_loop_structure():
 def test_sync_gradient_groups_are_bounded_by_memory():
     """The first view's gradient pass is measured (the activations its backward keeps); later groups hold as many
     views as fit sync_memory_mib, up to view_batch, and the result does not depend on the grouping."""
-    torch.manual_seed(0)
-    unet, vae = tiny_unet(sample_size=8).eval().double(), tiny_vae().eval().double()
-    den = DiffusersUNetDenoiser(unet, alphas_cumprod(), "epsilon")
-    cond = TextConditioning(torch.randn(1, 5, 32).double(), torch.randn(1, 5, 32).double(), 7.5)
-    perc = load_lpips("alex", random_backbone=True).double()
-    ts = ddim_timesteps(4, "leading", steps_offset=1)
-    x = torch.randn(1, 4, 8, 40).double()
+    den, decode, cond, perc, ts, x = _sync_setup_f64("alex", 4)
 
     def run(mib, vb=5):
         st = TiledStats()
         cfg = TiledConfig.syncdiffusion(window=8, stride=4, sync_thres=2, view_batch=vb, sync_memory_mib=mib)
-        out = tiled_sample(den, x, ts, cond, cfg, decode=lambda z: vae.decode(z / 0.18215).sample, perceptual=perc,
-                           stats=st)
+        out = tiled_sample(den, x, ts, cond, cfg, decode=decode, perceptual=perc, stats=st)
         return out, st
 
     big, st_big = run(1e6)
