@@ -39,7 +39,7 @@ def official_syncdiffusion(denoiser, latent, timesteps, cond, decode, lpips, win
         return P.to_x0(denoiser(x, tt, cond), x, tt, ab, denoiser.prediction_type)
 
     for i, (t, tp) in enumerate(zip(ts, prev)):
-        tt = torch.full((B,), t, dtype=torch.long)
+        tt = torch.full((B,), t, dtype=torch.long, device=latent.device)
         a_t, a_p = float(ab[t]), (float(ab[tp]) if tp >= 0 else 1.0)
         sync = (i + 1) % sync_freq == 0 and i < sync_thres
         value = torch.zeros_like(latent)
