@@ -216,7 +216,7 @@ def sample_bench(args) -> None:
     # included, LPIPS computing the anchor's features again for every view
     from official_syncdiffusion import official_syncdiffusion
 
-    one = None
+    times = []
     for _ in range(max(1, args.repeats)):
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -224,7 +224,8 @@ def sample_bench(args) -> None:
         official_syncdiffusion(den, x, ts, cond, decode, perc, args.window, st(16), sync_thres=min(10, args.steps))
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        one = min(one or 1e30, time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    one = min(times)
     print(f"{'syncdiffusion paper, first 10 steps, official structure':52s} {one:7.2f} s")
     many = res["syncdiffusion paper, first 10 steps, batched"].seconds
     print(f"syncdiffusion batched / official structure : {many / one:.2f} (target <= 0.5)")

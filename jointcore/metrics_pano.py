@@ -149,7 +149,7 @@ def reference_loss(perceptual, reference: torch.Tensor):
       squaring full-size tensors, which took a third of the LPIPS gradient's time on a CPU;
     * each layer's term is one autograd function (:class:`_ReferenceLayerTerm`) whose backward is the closed-form
       gradient, a few passes over the features instead of the chain of products, sums and their accumulations
-      autograd would record (11 % less time for the whole VGG LPIPS gradient on this CPU).
+      autograd would record (8–11 % less time for the whole VGG LPIPS gradient on this CPU).
 
     Equal to ``LPIPS.forward`` within float rounding, value and gradient (tested); a feature pixel that is exactly
     zero in every channel gets a zero gradient where ``LPIPS.forward``'s ``sqrt`` gives NaN.

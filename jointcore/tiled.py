@@ -310,7 +310,6 @@ def whole_image_active(i: int, n_steps: int, cfg: TiledConfig) -> bool:
     return cfg.whole_image_weight > 0 and i <= int(n_steps * cfg.whole_image_until)
 
 
-
 def sync_memory_budget(cfg: TiledConfig, device: torch.device) -> int:
     """Bytes one batched SyncDiffusion gradient pass may keep for its backward (:attr:`TiledConfig.sync_memory_mib`)."""
     if cfg.sync_memory_mib > 0:
