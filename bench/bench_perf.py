@@ -47,38 +47,43 @@ def median(xs):
 # ---- mesh --------------------------------------------------------------------------------------------------
 
 def _mesh_worker(size: str, formats: list[str]) -> None:
-    """One size in this (fresh) process: build once per format, write, report times and peak RSS growth."""
+    """One size in this (fresh) process: RGBD → file for each format as the node does it (written from the grid,
+    :func:`jointcore.mesh_grid.export_rgbd_mesh`), then GLB through the in-memory mesh
+    (:func:`jointcore.mesh.rgbd_to_mesh` + :func:`~jointcore.mesh.export_mesh`, ``glb_memory``); times and peak RSS
+    growth of each (the peak is reset before each)."""
     import resource
 
     import torch
 
     from bench_mesh import scene
     from jointcore import mesh as M
+    from jointcore.mesh_grid import export_rgbd_mesh
     from jointcore.runtime.memory import process_memory, reset_peak_memory
 
     w, h = (int(v) for v in size.split("x"))
     img, disp = scene(h, w, torch.Generator().manual_seed(0))
     small_img, small_disp = scene(64, 128, torch.Generator().manual_seed(1))
+    kw = dict(projection="cylindrical", horizontal_span_deg=360.0, depth_kind="disparity", near=1.0, far=10.0,
+              max_bytes=1 << 42)
 
-    def build(i, d):
-        return M.rgbd_to_mesh(i, d, projection="cylindrical", horizontal_span_deg=360.0, depth_kind="disparity",
-                              near=1.0, far=10.0, max_bytes=1 << 42)[0]
+    def grid(i, d, path, fmt):
+        return export_rgbd_mesh(i, d, path, fmt, **kw)[0]
+
+    def memory(i, d, path, fmt):
+        return M.export_mesh(M.rgbd_to_mesh(i, d, **kw)[0], path, fmt)[0]
     out = {"size": size, "pixels": w * h}
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:  # warm-up: imports, first allocations, the thread pool
-            M.export_mesh(build(small_img, small_disp), os.path.join(tmp, "warm"), fmt)
-        base = reset_peak_memory()  # peak RSS from here on
-        for fmt in formats:
+            grid(small_img, small_disp, os.path.join(tmp, "warm"), fmt)
+        memory(small_img, small_disp, os.path.join(tmp, "warm"), "glb")
+        for name, fn, fmt in [(f, grid, f) for f in formats] + [("glb_memory", memory, "glb")]:
+            base = reset_peak_memory()  # peak RSS from here on
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            mesh = build(img, disp)
-            t1 = time.perf_counter()
-            path = M.export_mesh(mesh, os.path.join(tmp, "m"), fmt)[0]
-            t2, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            out[fmt] = {"build": t1 - t0, "write": t2 - t1, "user": r1.ru_utime - r0.ru_utime,
-                        "sys": r1.ru_stime - r0.ru_stime, "mib": os.path.getsize(path) / 2**20}
-            del mesh
+            path = fn(img, disp, os.path.join(tmp, "m"), fmt)
+            t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            out[name] = {"time": t1 - t0, "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
+                         "mib": os.path.getsize(path) / 2**20, "peak_bytes": process_memory("VmHWM") - base}
             os.remove(path)
-        out["peak_bytes"] = process_memory("VmHWM") - base
     print(json.dumps(out))
 
 
@@ -119,33 +124,32 @@ def mesh_part(args) -> None:
                 continue
             runs[s].append(r)
     ref = None
+    names = list(FORMATS) + ["glb_memory"]
     for s in sizes:
         rs = runs[s]
         if not rs:
             continue
         px = rs[0]["pixels"]
-        line = [f"{s:>10s}"]
+        print(f"  {s}:")
         per_px = {}
-        for fmt in FORMATS:
-            tot = median([r[fmt]["build"] + r[fmt]["write"] for r in rs])
-            user = median([r[fmt]["user"] for r in rs])
-            sys_ = median([r[fmt]["sys"] for r in rs])
-            per_px[fmt] = (tot / px * 1e9, user / px * 1e9, sys_ / px * 1e9)
-            line.append(f"{fmt} {tot:6.2f} s ({per_px[fmt][0]:4.0f} ns/px: user {per_px[fmt][1]:4.0f}, "
-                        f"sys {per_px[fmt][2]:4.0f})")
-        peak = median([r["peak_bytes"] for r in rs]) / px
-        line.append(f"peak {peak:4.0f} B/px")
-        print("  " + "  ".join(line))
+        for name in names:
+            tot = median([r[name]["time"] for r in rs])
+            user = median([r[name]["user"] for r in rs])
+            sys_ = median([r[name]["sys"] for r in rs])
+            peak = median([r[name]["peak_bytes"] for r in rs]) / px
+            per_px[name] = (tot / px * 1e9, user / px * 1e9, sys_ / px * 1e9, peak)
+            label = "glb (in-memory mesh)" if name == "glb_memory" else name
+            print(f"    {label:20s} {tot:6.2f} s ({per_px[name][0]:4.0f} ns/px: user {per_px[name][1]:4.0f}, sys "
+                  f"{per_px[name][2]:4.0f}), peak {peak:4.0f} B/px")
         if ref is None:
-            ref = (s, per_px, peak)
+            ref = (s, per_px)
             for fmt in FORMATS:
-                t = median([r[fmt]["build"] + r[fmt]["write"] for r in rs])
+                t = median([r[fmt]["time"] for r in rs])
                 print(f"    {s} → {fmt}: {t:.2f} s (target ≤ 1 s: {'met' if t <= 1.0 else 'NOT met'})")
         else:
-            ratios = "  ".join(f"{fmt} {per_px[fmt][0] / ref[1][fmt][0]:.2f} (user {per_px[fmt][1] / ref[1][fmt][1]:.2f})"
-                               for fmt in FORMATS)
-            print(f"    per-pixel time vs {ref[0]} (1.00 = linear): {ratios}; per-pixel peak memory "
-                  f"{peak / ref[2]:.2f}")
+            ratios = "  ".join(f"{n} {per_px[n][0] / ref[1][n][0]:.2f} (user {per_px[n][1] / ref[1][n][1]:.2f}, "
+                               f"memory {per_px[n][3] / ref[1][n][3]:.2f})" for n in names)
+            print(f"    per-pixel time and peak memory vs {ref[0]} (1.00 = linear): {ratios}")
     f = _subprocess_json(["--_faults"])
     if "error" not in f:
         print(f"  this machine, faulting in fresh memory: {f['below_1g']:.2f} ms/MiB while holding < 1 GiB, "
@@ -244,6 +248,10 @@ def _sync_measure(args) -> None:
         "batched": TiledConfig.syncdiffusion(window=window, stride=st(16), sync_thres=10, view_batch=16),
         "multidiffusion": TiledConfig.multidiffusion(window=window, stride=st(16), view_batch=16),
     }
+    from jointcore.tiled import lpips_chunk
+    k = lpips_chunk(torch.empty(16, 3, window * 8, window * 8, device=args.device))
+    print(f"# LPIPS gradient on {window * 8}² px views: {'the whole group at once' if k >= 16 else f'in chunks of {k}'}"
+          " (jointcore.tiled.lpips_chunk)", flush=True)
     print(f"# SyncDiffusion: tiny models, latent 16x64, window {window}, stride {st(16)}, 50 DDIM steps, first 10 "
           f"synchronised, w 20, decay 0.95, LPIPS VGG (random backbone), {torch.get_num_threads()} threads, median "
           f"of {args.repeats} interleaved runs", flush=True)

@@ -53,6 +53,11 @@ COLOR_MODES = ("vertex", "texture", "none")
 BYTES_PER_VERTEX = 320
 DEFAULT_MAX_BYTES = 4 * 1024**3
 
+NO_VALID_PIXEL = ("no valid depth pixel: every depth value is NaN, infinite or ≤ 0 after the depth/disparity "
+                  "mapping — check depth_kind, near/far or scale/shift")
+NO_TRIANGLE = ("no triangle left (too few valid neighbouring pixels, or every triangle was cut at a depth "
+               "discontinuity): raise discontinuity_threshold, lower downsample, or write a point cloud instead")
+
 
 @dataclass
 class RGBDMesh:
@@ -337,19 +342,21 @@ def _kept_faces(valid: torch.Tensor, depth: torch.Tensor, threshold: float, wrap
 
 # ---- input handling ---------------------------------------------------------------------------------
 
-def estimate_mesh_bytes(height: int, width: int, downsample: int = 1) -> int:
-    """Conservative peak memory (bytes) for building and writing one mesh of an image this size."""
+def estimate_mesh_bytes(height: int, width: int, downsample: int = 1, per_vertex: int = BYTES_PER_VERTEX) -> int:
+    """Conservative peak memory (bytes) for building and writing one mesh of an image this size (``per_vertex``:
+    :data:`BYTES_PER_VERTEX` in memory, :data:`jointcore.mesh_grid.BYTES_PER_VERTEX` written from the grid)."""
     h, w = _grid_size(height, width, downsample)
-    return h * w * BYTES_PER_VERTEX
+    return h * w * per_vertex
 
 
 def _grid_size(height: int, width: int, downsample: int) -> tuple[int, int]:
     return max(1, height // downsample), max(1, width // downsample)
 
 
-def _suggest_downsample(height: int, width: int, downsample: int, max_bytes: int) -> int:
+def _suggest_downsample(height: int, width: int, downsample: int, max_bytes: int,
+                        per_vertex: int = BYTES_PER_VERTEX) -> int:
     k = max(1, downsample)
-    while estimate_mesh_bytes(height, width, k) > max_bytes and k < max(height, width):
+    while estimate_mesh_bytes(height, width, k, per_vertex) > max_bytes and k < max(height, width):
         k += 1
     return k
 
@@ -395,6 +402,101 @@ def _resize_masked(x: torch.Tensor, valid: torch.Tensor, size: tuple[int, int], 
 
 # ---- the builder ------------------------------------------------------------------------------------
 
+def _checked_inputs(image, depth, projection: str, fov_deg: float, intrinsics, horizontal_span_deg: float,
+                    downsample, max_bytes: int, per_vertex: int):
+    """Validate the mesh inputs; ``(image [B,3,H,W], depth [B,H',W'], vertex grid (h, w), wrap)``. Raises
+    ``ValueError`` naming the input, and for a grid over ``max_bytes`` (at ``per_vertex`` bytes a vertex) the
+    ``downsample`` that fits."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if projection == "cylindrical":
+        _check_span(horizontal_span_deg)
+    if projection == "perspective" and intrinsics is None:
+        perspective_intrinsics(2, 2, fov_deg)  # validates fov
+    if int(downsample) != downsample or downsample < 1:
+        raise ValueError(f"downsample must be an integer ≥ 1, got {downsample}")
+    downsample = int(downsample)
+    if not torch.is_tensor(image) or not torch.is_tensor(depth):
+        raise ValueError("image and depth must be torch tensors")
+    image, depth = _as_batch(image, depth)
+    B, _, H, W = image.shape
+    need = estimate_mesh_bytes(H, W, downsample, per_vertex)
+    if need > max_bytes:
+        k = _suggest_downsample(H, W, downsample, max_bytes, per_vertex)
+        raise ValueError(
+            f"a mesh of {H}x{W} pixels with downsample={downsample} needs about {need / 2**30:.2f} GiB "
+            f"(limit {max_bytes / 2**30:.2f} GiB, about {per_vertex} bytes per vertex): set "
+            f"downsample={k} (or more), use a smaller image, or raise the memory limit (max_memory_gb on the node, "
+            "max_bytes here) if you have the RAM")
+    h, w = _grid_size(H, W, downsample)
+    return image, depth, (h, w), wraps_around(projection, horizontal_span_deg) and w > 2
+
+
+@dataclass
+class _Grid:
+    """One RGB-D pair prepared for triangulation on its ``h×w`` vertex grid (see :func:`_prepare_grid`)."""
+
+    img: torch.Tensor  # [3, h, w] colours 0-1 on the vertex grid
+    texture: torch.Tensor  # [3, H, W] the full-resolution image (0-1)
+    dsafe: torch.Tensor  # [h, w] depth, 1 where invalid
+    valid: torch.Tensor  # [h, w] bool: finite positive depth and finite point
+    pts: torch.Tensor  # [h, w, 3] float32 points (glTF frame)
+
+
+def _prepare_grid(image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int], *, projection: str, fov_deg: float,
+                  intrinsics, horizontal_span_deg: float, depth_kind: str, scale: float, shift: float, near, far,
+                  resize_depth: bool, tick: Callable[[], None]) -> _Grid:
+    """Depth mapping, resizing, validity and unprojection of one ``[3,H,W]`` image and its depth map, in row bands
+    (Cancel between them); shared by :func:`rgbd_to_mesh` and :func:`jointcore.mesh_grid.grid_mesh`."""
+    H, W = image.shape[-2:]
+    h, w = grid
+    band = max(1, BAND_PIXELS // max(w, 1))
+    tick()
+    img = image.float().cpu()
+    tick()  # every full-size step below is followed by a check: fresh pages of a large image are slow
+    src = depth.cpu()
+    dm = torch.empty(src.shape, dtype=torch.float32)
+    rows = max(1, BAND_PIXELS // max(src.shape[-1], 1))
+    for r0 in range(0, src.shape[0], rows):  # in row bands, Cancel between them
+        dm[r0:r0 + rows] = depth_from_map(src[r0:r0 + rows], depth_kind, scale, shift, near, far)
+        tick()
+    valid = torch.isfinite(dm)
+    if dm.shape != (H, W):
+        if not resize_depth:
+            raise ValueError(f"depth map is {tuple(dm.shape)} but the image is {(H, W)}: resize it to "
+                             "the image size (or allow resize_depth)")
+        if abs(dm.shape[0] / dm.shape[1] - H / W) > 0.01 * H / W:
+            log.warning("depth map %s and image %s have different aspect ratios; stretching the depth",
+                        tuple(dm.shape), (H, W))
+        dm, valid = _resize_masked(dm[None], valid, (H, W), "bilinear")
+        dm = dm[0]
+    tick()
+    img = torch.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0, 1)
+    tick()
+    texture = img
+    if (h, w) != (H, W):
+        dm, valid = _resize_masked(dm[None], valid, (h, w), "area")
+        dm = dm[0]
+        img = F.interpolate(img[None], size=(h, w), mode="area")[0]
+    valid = valid & torch.isfinite(dm) & (dm > 0)
+    tick()
+    dsafe = torch.where(valid, dm, torch.ones_like(dm))
+    tick()
+
+    K = None
+    if intrinsics is not None:
+        K = scale_intrinsics(torch.as_tensor(intrinsics), (H, W), (h, w))
+    pts = torch.empty(h, w, 3)
+    for r0 in range(0, h, band):  # in row bands: Cancel is checked between them
+        tick()
+        r1 = min(h, r0 + band)
+        pts[r0:r1] = unproject(dsafe, projection, fov_deg=fov_deg, intrinsics=K,
+                               horizontal_span_deg=horizontal_span_deg, rows=(r0, r1))
+        valid[r0:r1] &= torch.isfinite(pts[r0:r1]).all(-1)
+    tick()
+    return _Grid(img=img, texture=texture, dsafe=dsafe, valid=valid, pts=pts)
+
+
 def rgbd_to_mesh(
     image: torch.Tensor,
     depth: torch.Tensor,
@@ -437,77 +539,17 @@ def rgbd_to_mesh(
     Returns:
         ``B`` :class:`RGBDMesh` (possibly empty when no pixel is valid; writing an empty one raises).
     """
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    if projection == "cylindrical":
-        _check_span(horizontal_span_deg)
-    if projection == "perspective" and intrinsics is None:
-        perspective_intrinsics(2, 2, fov_deg)  # validates fov
-    if int(downsample) != downsample or downsample < 1:
-        raise ValueError(f"downsample must be an integer ≥ 1, got {downsample}")
-    downsample = int(downsample)
-    if not torch.is_tensor(image) or not torch.is_tensor(depth):
-        raise ValueError("image and depth must be torch tensors")
-    image, depth = _as_batch(image, depth)
-    B, _, H, W = image.shape
-    need = estimate_mesh_bytes(H, W, downsample)
-    if need > max_bytes:
-        k = _suggest_downsample(H, W, downsample, max_bytes)
-        raise ValueError(
-            f"a mesh of {H}x{W} pixels with downsample={downsample} needs about {need / 2**30:.2f} GiB "
-            f"(limit {max_bytes / 2**30:.2f} GiB, about {BYTES_PER_VERTEX} bytes per vertex): set "
-            f"downsample={k} (or more), use a smaller image, or raise the memory limit (max_memory_gb on the node, max_bytes here) if you have the RAM")
-    h, w = _grid_size(H, W, downsample)
-    wrap = wraps_around(projection, horizontal_span_deg) and w > 2
+    image, depth, (h, w), wrap = _checked_inputs(image, depth, projection, fov_deg, intrinsics, horizontal_span_deg,
+                                                 downsample, max_bytes, BYTES_PER_VERTEX)
+    B = image.shape[0]
     tick = check if check is not None else (lambda: None)
-    band = max(1, BAND_PIXELS // max(w, 1))
 
     meshes = []
     for i in range(B):  # per batch item, not per pixel
-        tick()
-        img = image[i].float().cpu()
-        tick()  # every full-size step below is followed by a check: fresh pages of a large image are slow
-        src = depth[i].cpu()
-        dm = torch.empty(src.shape, dtype=torch.float32)
-        rows = max(1, BAND_PIXELS // max(src.shape[-1], 1))
-        for r0 in range(0, src.shape[0], rows):  # in row bands, Cancel between them
-            dm[r0:r0 + rows] = depth_from_map(src[r0:r0 + rows], depth_kind, scale, shift, near, far)
-            tick()
-        valid = torch.isfinite(dm)
-        if dm.shape != (H, W):
-            if not resize_depth:
-                raise ValueError(f"depth map is {tuple(dm.shape)} but the image is {(H, W)}: resize it to "
-                                 "the image size (or allow resize_depth)")
-            if abs(dm.shape[0] / dm.shape[1] - H / W) > 0.01 * H / W:
-                log.warning("depth map %s and image %s have different aspect ratios; stretching the depth",
-                            tuple(dm.shape), (H, W))
-            dm, valid = _resize_masked(dm[None], valid, (H, W), "bilinear")
-            dm = dm[0]
-        tick()
-        img = torch.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0, 1)
-        tick()
-        texture = img
-        if (h, w) != (H, W):
-            dm, valid = _resize_masked(dm[None], valid, (h, w), "area")
-            dm = dm[0]
-            img = F.interpolate(img[None], size=(h, w), mode="area")[0]
-        valid = valid & torch.isfinite(dm) & (dm > 0)
-        tick()
-        dsafe = torch.where(valid, dm, torch.ones_like(dm))
-        tick()
-
-        K = None
-        if intrinsics is not None:
-            K = scale_intrinsics(torch.as_tensor(intrinsics), (H, W), (h, w))
-        pts = torch.empty(h, w, 3)
-        for r0 in range(0, h, band):  # in row bands: Cancel is checked between them
-            tick()
-            r1 = min(h, r0 + band)
-            pts[r0:r1] = unproject(dsafe, projection, fov_deg=fov_deg, intrinsics=K,
-                                   horizontal_span_deg=horizontal_span_deg, rows=(r0, r1))
-            valid[r0:r1] &= torch.isfinite(pts[r0:r1]).all(-1)
-        tick()
-
+        g = _prepare_grid(image[i], depth[i], (h, w), projection=projection, fov_deg=fov_deg, intrinsics=intrinsics,
+                          horizontal_span_deg=horizontal_span_deg, depth_kind=depth_kind, scale=scale, shift=shift,
+                          near=near, far=far, resize_depth=resize_depth, tick=tick)
+        valid, dsafe, pts, img, texture = g.valid, g.dsafe, g.pts, g.img, g.texture
         vflat = valid.reshape(-1)
         dflat = dsafe.reshape(-1)
         remap = torch.cumsum(vflat, 0, dtype=index_dtype(vflat.numel())) - 1
@@ -528,7 +570,7 @@ def rgbd_to_mesh(
             t = uv[a:a + CHUNK]
             t[:, 0] = (p % w).float().add_(0.5).div_(w)
             t[:, 1] = (p // w).float().add_(0.5).div_(-h).add_(1.0)
-        del pts
+        del pts, g
         tick()
         meshes.append(RGBDMesh(
             vertices=vertices, faces=faces, colors=colors, uv=uv, texture=texture, pixel_index=pix,
@@ -554,6 +596,15 @@ def texture_image(texture: torch.Tensor):
 
     arr = (texture.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(arr, "RGB")
+
+
+def texture_png(texture: torch.Tensor) -> bytes:
+    """``[3, H, W]`` 0–1 → PNG bytes (fast compression: the texture of a large mesh is big)."""
+    import io
+
+    buf = io.BytesIO()
+    texture_image(texture).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -651,15 +702,12 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
     if color not in COLOR_MODES:
         raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
     if mesh.is_empty:
-        raise ValueError("no valid depth pixel: every depth value is NaN, infinite or ≤ 0 after the "
-                         "depth/disparity mapping — check depth_kind, near/far or scale/shift")
+        raise ValueError(NO_VALID_PIXEL)
     point_cloud = fmt == "pointcloud_ply"
     if not point_cloud:
         mesh = mesh.compact()
         if mesh.faces.shape[0] == 0:
-            raise ValueError("no triangle left (too few valid neighbouring pixels, or every triangle was cut at "
-                             "a depth discontinuity): raise discontinuity_threshold, lower downsample, or "
-                             "write a point cloud instead")
+            raise ValueError(NO_TRIANGLE)
     if fmt in ("ply", "pointcloud_ply") and color == "texture":
         color = "vertex"
     arrays = _file_arrays(mesh, fmt, color, normals, check)
@@ -693,11 +741,7 @@ def _file_arrays(mesh: RGBDMesh, fmt: str, color: str, normals: bool, check) -> 
     if color == "vertex" or (fmt == "ply" and color != "none"):
         out["colors"] = _to_uint8(mesh.colors)
     elif color == "texture":
-        import io
-
-        buf = io.BytesIO()
-        texture_image(mesh.texture).save(buf, format="PNG", compress_level=1)
-        out["uv"], out["png"] = mesh.uv.float().numpy(), buf.getvalue()
+        out["uv"], out["png"] = mesh.uv.float().numpy(), texture_png(mesh.texture)
     tick()
     return out
 

@@ -23,6 +23,57 @@ FLOAT, UBYTE, UINT = 5126, 5121, 5125
 ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER = 34962, 34963
 
 
+class RowSource:
+    """A ``[N, C]`` array the writers read a block of rows at a time (``source[a:b]`` → ``np.ndarray``) without
+    it ever existing whole (:class:`jointcore.mesh_grid.GridMesh` computes blocks from the pixel grid).
+    Subclasses implement :meth:`rows`; ``bounds`` (per-column min and max), when known, saves a pass."""
+
+    ndim = 2
+
+    def __init__(self, shape, dtype, bounds=None):
+        self.shape = tuple(int(x) for x in shape)
+        self.dtype = np.dtype(dtype)
+        self._bounds = bounds
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a RowSource is read in blocks of rows: source[a:b]")
+        a, b, _ = key.indices(self.shape[0])
+        if b <= a:
+            return np.empty((0,) + self.shape[1:], self.dtype)
+        out = self.rows(a, b)
+        if out.shape != (b - a,) + self.shape[1:]:
+            raise AssertionError(f"RowSource rows {a}:{b} gave {out.shape}")
+        return out
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._bounds is None:
+            lo = hi = None
+            for a in range(0, self.shape[0], BLOCK):
+                blk = self[a:a + BLOCK]
+                lo = blk.min(0) if lo is None else np.minimum(lo, blk.min(0))
+                hi = blk.max(0) if hi is None else np.maximum(hi, blk.max(0))
+            self._bounds = (lo, hi)
+        return self._bounds
+
+
+def _array(x, dtype=None):
+    """``x`` as the writers read it: a :class:`RowSource` as it is, anything else as a numpy array."""
+    if x is None or isinstance(x, RowSource):
+        return x
+    return np.asarray(x, dtype) if dtype is not None else np.asarray(x)
+
+
+def _min_max(x) -> tuple[np.ndarray, np.ndarray]:
+    return x.bounds() if isinstance(x, RowSource) else (x.min(0), x.max(0))
+
+
 def _pad(n: int) -> int:
     return (4 - n % 4) % 4
 
@@ -56,13 +107,15 @@ def write_glb(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.
         check: called between blocks (Cancel).
     """
     tick = check or (lambda: None)
-    v = np.ascontiguousarray(vertices, dtype=np.float32)
+    v = _array(vertices, np.float32)
     n = v.shape[0]
     if v.ndim != 2 or v.shape[1] != 3 or n == 0:
         raise ValueError(f"vertices must be [N, 3] with N > 0, got {v.shape}")
-    f = np.asarray(faces)
-    if f.size and (f.min() < 0 or f.max() >= n):
-        raise ValueError("face indices out of range")
+    f = _array(faces)
+    if not isinstance(f, RowSource):
+        f = f.reshape(-1, 3)
+        if f.size and (f.min() < 0 or f.max() >= n):
+            raise ValueError("face indices out of range")
     tick()
     pieces: list = []   # (byte length, iterable of byte views): the BIN chunk's parts, each padded to 4 bytes
     accessors, views, attributes = [], [], {}
@@ -86,8 +139,9 @@ def write_glb(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.
         if normalized:
             acc["normalized"] = True
         if bounds:
-            acc["min"] = [float(x) for x in arr.min(0)]
-            acc["max"] = [float(x) for x in arr.max(0)]
+            lo, hi = _min_max(arr)
+            acc["min"] = [float(x) for x in lo]
+            acc["max"] = [float(x) for x in hi]
         accessors.append(acc)
         return len(accessors) - 1
 
@@ -96,7 +150,7 @@ def write_glb(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.
 
     attributes["POSITION"] = add_accessor(v, 3, 4, as_f32, FLOAT, "VEC3", ARRAY_BUFFER, bounds=True)
     if normals is not None:
-        attributes["NORMAL"] = add_accessor(np.asarray(normals), 3, 4, as_f32, FLOAT, "VEC3", ARRAY_BUFFER)
+        attributes["NORMAL"] = add_accessor(_array(normals), 3, 4, as_f32, FLOAT, "VEC3", ARRAY_BUFFER)
     material: dict = {"pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0,
                                                "roughnessFactor": 1.0}}
     doc: dict = {"asset": {"version": "2.0", "generator": "jointdiffusion mesh_io"}}
@@ -105,20 +159,20 @@ def write_glb(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.
             t = np.array(t, np.float32)
             t[:, 1] = 1.0 - t[:, 1]  # glTF's UV origin is the top-left corner
             return t
-        attributes["TEXCOORD_0"] = add_accessor(np.asarray(uv), 2, 4, flip, FLOAT, "VEC2", ARRAY_BUFFER)
+        attributes["TEXCOORD_0"] = add_accessor(_array(uv), 2, 4, flip, FLOAT, "VEC2", ARRAY_BUFFER)
         img_view = add_view(len(texture_png), [memoryview(texture_png)], None)
         doc.update(images=[{"bufferView": img_view, "mimeType": "image/png"}],
                    samplers=[{"magFilter": 9729, "minFilter": 9729, "wrapS": 33071, "wrapT": 33071}],
                    textures=[{"source": 0, "sampler": 0}])
         material["pbrMetallicRoughness"]["baseColorTexture"] = {"index": 0}
     elif colors is not None:
-        c = np.asarray(colors)
+        c = _array(colors)
 
         def rgba(x):
             x = np.asarray(x, np.uint8)
             return x if x.shape[1] == 4 else np.concatenate([x, np.full((x.shape[0], 1), 255, np.uint8)], 1)
         attributes["COLOR_0"] = add_accessor(c, 4, 1, rgba, UBYTE, "VEC4", ARRAY_BUFFER, normalized=True)
-    idx = add_accessor(f.reshape(-1, 3), 3, 4, lambda x: np.asarray(x, np.uint32), UINT, "SCALAR",
+    idx = add_accessor(f, 3, 4, lambda x: np.asarray(x, np.uint32), UINT, "SCALAR",
                        ELEMENT_ARRAY_BUFFER)
     prim = {"attributes": attributes, "indices": idx, "mode": 4}
     if "textures" in doc:  # vertex colours / no colour: glTF's default material (what viewers expect)
@@ -148,7 +202,7 @@ def write_ply(fh, vertices: np.ndarray, faces: Optional[np.ndarray] = None, norm
     ``x y z`` float32, optional ``nx ny nz`` float32 and ``red green blue alpha`` uint8 per vertex; faces as
     ``uchar 3`` + three int32 indices. Records are built and written a block at a time."""
     tick = check or (lambda: None)
-    v = np.asarray(vertices)
+    v = _array(vertices)
     n = v.shape[0]
     fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
     if normals is not None:
@@ -162,24 +216,26 @@ def write_ply(fh, vertices: np.ndarray, faces: Optional[np.ndarray] = None, norm
         head += [f"element face {faces.shape[0]}", "property list uchar int vertex_indices"]
     head.append("end_header")
     fh.write(("\n".join(head) + "\n").encode("ascii"))
-    nn = np.asarray(normals) if normals is not None else None
-    c = np.asarray(colors) if colors is not None else None
+    nn, c = _array(normals), _array(colors)
     for a in range(0, n, BLOCK):
         tick()
         b = min(n, a + BLOCK)
         rec = np.empty(b - a, dtype=fields)
+        vb = v[a:b]
         for i, k in enumerate("xyz"):
-            rec[k] = v[a:b, i]
+            rec[k] = vb[:, i]
         if nn is not None:
+            nb = nn[a:b]
             for i, k in enumerate(("nx", "ny", "nz")):
-                rec[k] = nn[a:b, i]
+                rec[k] = nb[:, i]
         if c is not None:
+            cb = c[a:b]
             for i, k in enumerate(("red", "green", "blue")):
-                rec[k] = c[a:b, i]
-            rec["alpha"] = c[a:b, 3] if c.shape[1] == 4 else 255
+                rec[k] = cb[:, i]
+            rec["alpha"] = cb[:, 3] if c.shape[1] == 4 else 255
         fh.write(rec.view(np.uint8))
     if faces is not None:
-        f = np.asarray(faces)
+        f = _array(faces)
         for a in range(0, f.shape[0], BLOCK):
             tick()
             frec = np.empty(min(f.shape[0], a + BLOCK) - a, dtype=[("n", "u1"), ("i", "<i4", (3,))])
@@ -292,9 +348,13 @@ def _lines(prefix: bytes, *fields: np.ndarray) -> np.ndarray:
     return np.concatenate(cols, axis=1)
 
 
-def position_decimals(vertices: np.ndarray) -> int:
+def position_decimals(vertices) -> int:
     """Decimals that keep 7 significant digits of the largest coordinate (float32 precision)."""
-    m = float(np.abs(vertices).max()) if vertices.size else 1.0
+    if vertices.shape[0] == 0:
+        m = 1.0
+    else:
+        lo, hi = _min_max(vertices)
+        m = float(max(np.abs(lo).max(), np.abs(hi).max()))
     return int(np.clip(6 - np.floor(np.log10(max(m, 1e-30))), 1, 12))
 
 
@@ -314,34 +374,39 @@ def write_obj(fh, vertices: np.ndarray, faces: np.ndarray, normals: Optional[np.
     in order, a few blocks ahead at most; ``check`` runs before each block is handed out (Cancel).
     """
     tick = check or (lambda: None)
-    v = np.asarray(vertices, np.float32)
-    f = np.asarray(faces, np.int64)
+    v = _array(vertices, np.float32)
+    f = _array(faces, np.int64)
     n = v.shape[0]
     dec = position_decimals(v)
-    lut = c = None
-    if colors is not None:
+    lut = None
+    c = _array(colors, np.uint8)
+    if c is not None:
         lut = _fixed_field(np.arange(256) / 255.0, 3)
-        c = np.asarray(colors, np.uint8)[:, :3]
-    t = np.asarray(uv, np.float32) if uv is not None else None
-    nn = np.asarray(normals, np.float32) if normals is not None else None
+    t = _array(uv, np.float32)
+    nn = _array(normals, np.float32)
     reps, sep = {(True, True): (3, b"/"), (False, True): (2, b"//"), (True, False): (2, b"/"),
                  (False, False): (1, b"")}[(uv is not None, normals is not None)]
     nmax = len(str(n))
 
     def v_block(a, b):
-        fields = [_fixed_field(v[a:b, i], dec) for i in range(3)]
+        vb = np.asarray(v[a:b], np.float32)
+        fields = [_fixed_field(vb[:, i], dec) for i in range(3)]
         if lut is not None:
-            fields += [lut[c[a:b, i]] for i in range(3)]
+            cb = np.asarray(c[a:b], np.uint8)
+            fields += [lut[cb[:, i]] for i in range(3)]
         return _lines(b"v", *fields)
 
     def vt_block(a, b):
-        return _lines(b"vt", *(_fixed_field(t[a:b, i], 6) for i in range(2)))
+        tb = np.asarray(t[a:b], np.float32)
+        return _lines(b"vt", *(_fixed_field(tb[:, i], 6) for i in range(2)))
 
     def vn_block(a, b):
-        return _lines(b"vn", *(_fixed_field(nn[a:b, i], 4) for i in range(3)))
+        nb = np.asarray(nn[a:b], np.float32)
+        return _lines(b"vn", *(_fixed_field(nb[:, i], 4) for i in range(3)))
 
     def f_block(a, b):
-        return _lines(b"f", _index_tokens(f[a:b].reshape(-1) + 1, reps, sep, nmax).reshape(b - a, -1))
+        fb = np.asarray(f[a:b], np.int64)
+        return _lines(b"f", _index_tokens(fb.reshape(-1) + 1, reps, sep, nmax).reshape(b - a, -1))
 
     def text(s: str):
         return lambda: s.encode("ascii")

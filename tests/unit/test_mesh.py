@@ -17,6 +17,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from jointcore import mesh as M
+from jointcore.mesh_grid import export_rgbd_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -499,9 +500,11 @@ def test_glb_passes_the_khronos_validator(tmp_path, projection, color):
     g = torch.Generator().manual_seed(1)
     img, d = torch.rand(3, 24, 40, generator=g), torch.rand(24, 40, generator=g) + 0.5
     d[5:9, 10:14] = float("nan")  # holes: isolated vertices are dropped, faces cut
-    m = M.rgbd_to_mesh(img, d, projection=projection, horizontal_span_deg=360.0, depth_kind="depth")[0]
-    for normals in (True, False):
-        path = M.export_mesh(m, tmp_path / f"m_{normals}.glb", color=color, normals=normals)[0]
+    kw = dict(projection=projection, horizontal_span_deg=360.0, depth_kind="depth")
+    m = M.rgbd_to_mesh(img, d, **kw)[0]
+    for normals, grid in ((True, False), (False, False), (True, True)):  # in-memory mesh, or from the grid
+        path = (export_rgbd_mesh(img, d, tmp_path / "g.glb", color=color, normals=normals, **kw)[0] if grid else
+                M.export_mesh(m, tmp_path / f"m_{normals}.glb", color=color, normals=normals)[0])
         issues = validate(path)["issues"]
         assert issues["numErrors"] == 0 and issues["numWarnings"] == 0, issues["messages"][:5]
         infos = {i["code"] for i in issues["messages"]}
