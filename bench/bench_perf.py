@@ -248,10 +248,6 @@ def _sync_measure(args) -> None:
         "batched": TiledConfig.syncdiffusion(window=window, stride=st(16), sync_thres=10, view_batch=16),
         "multidiffusion": TiledConfig.multidiffusion(window=window, stride=st(16), view_batch=16),
     }
-    from jointcore.tiled import lpips_chunk
-    k = lpips_chunk(torch.empty(16, 3, window * 8, window * 8, device=args.device))
-    print(f"# LPIPS gradient on {window * 8}² px views: {'the whole group at once' if k >= 16 else f'in chunks of {k}'}"
-          " (jointcore.tiled.lpips_chunk)", flush=True)
     print(f"# SyncDiffusion: tiny models, latent 16x64, window {window}, stride {st(16)}, 50 DDIM steps, first 10 "
           f"synchronised, w 20, decay 0.95, LPIPS VGG (random backbone), {torch.get_num_threads()} threads, median "
           f"of {args.repeats} interleaved runs", flush=True)

@@ -171,14 +171,13 @@ def scale_intrinsics(K: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int
     return K
 
 
-def _pixel_grid(h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from kornia.geometry import create_meshgrid
-    except ImportError:  # kornia < 0.8.3
-        from kornia.utils import create_meshgrid
-
-    g = create_meshgrid(h, w, normalized_coordinates=False, device=device, dtype=dtype)[0]  # [h,w,2] (x,y)
-    return g[..., 0], g[..., 1]
+def _pixel_grid(rows: tuple[int, int], w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates ``u`` (column) and ``v`` (row) of rows ``r0 ≤ v < r1`` of a ``w``-wide grid,
+    ``[r1 − r0, w]`` each (broadcast views: only the band's rows, never the whole grid)."""
+    r0, r1 = rows
+    u = torch.arange(w, device=device, dtype=dtype)[None, :].expand(r1 - r0, w)
+    v = torch.arange(r0, r1, device=device, dtype=dtype)[:, None].expand(r1 - r0, w)
+    return u, v
 
 
 def unproject(depth: torch.Tensor, projection: str = "perspective", *, fov_deg: float = 60.0,
@@ -212,8 +211,7 @@ def unproject(depth: torch.Tensor, projection: str = "perspective", *, fov_deg: 
             K[1, 2] -= r0  # the band's own principal point
         p = depth_to_3d_v2(d, K[None].to(d.device))[0]  # OpenCV camera frame: x right, y down, z forward
         return torch.stack([p[..., 0], -p[..., 1], -p[..., 2]], -1).float()
-    u, v = _pixel_grid(h, w, d.device, torch.float64)
-    u, v = u[r0:r1], v[r0:r1]
+    u, v = _pixel_grid((r0, r1), w, d.device, torch.float64)
     if projection == "cylindrical":
         span = math.radians(_check_span(horizontal_span_deg))
         f = w / span
@@ -300,8 +298,9 @@ def _face_keep_pair(valid: torch.Tensor, depth: torch.Tensor, threshold: float, 
     return k1, k2
 
 
-#: pixels per band when a mesh is built in row bands (Cancel is checked between bands)
-BAND_PIXELS = 1 << 21
+#: pixels per band when a mesh is built in row bands (Cancel is checked between bands); the float64
+#: temporaries of a band (12 MiB at most) stay below the size glibc maps fresh for every call (32 MiB)
+BAND_PIXELS = 1 << 19
 #: rows per block in the per-vertex / per-face passes: big enough to amortise the calls, small enough (≤ 24 MiB a
 #: temporary) that the allocator reuses the memory instead of mapping and faulting in fresh pages each time
 #: (which made a 4096×2048 mesh cost twice a 2048×512 one per pixel)

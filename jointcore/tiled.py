@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -385,51 +384,9 @@ def sync_view_update(denoiser: Denoiser, x_view: torch.Tensor, t: torch.Tensor, 
     return (x_view.detach() - weight * g.to(x_view.dtype)).detach()
 
 
-#: On a CPU the perceptual loss's gradient is taken over chunks of images whose largest activation (at most 64
-#: channels at the image's resolution for LPIPS' VGG and AlexNet) stays under this many bytes. glibc's default
-#: malloc hands out blocks over 32 MiB as fresh mappings and gives freed heap back to the system, so a larger
-#: batch pays a page fault per 4 KiB of activations on every pass: the VGG LPIPS gradient of 13 views of 128² px
-#: took 1.32 s in one batch and 1.18 s in chunks of 4 on this 2-core CPU. An allocator that keeps freed memory
-#: (:func:`malloc_reuses_memory`) and a GPU's caching allocator have no such cost, and there the whole group is
-#: faster.
-CPU_LPIPS_CHUNK_BYTES = 16 * 2**20
-
-
-def malloc_reuses_memory(environ=None) -> bool:
-    """Whether this process's C allocator is configured to keep freed memory: glibc's mmap/trim thresholds set
-    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or their ``GLIBC_TUNABLES``), or jemalloc, tcmalloc
-    or mimalloc preloaded (PyTorch's CPU tuning guide)."""
-    env = os.environ if environ is None else environ
-    if env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_"):
-        return True
-    tun = env.get("GLIBC_TUNABLES", "")
-    if "malloc.mmap_threshold" in tun or "malloc.trim_threshold" in tun:
-        return True
-    pre = env.get("LD_PRELOAD", "")
-    return any(a in pre for a in ("jemalloc", "tcmalloc", "mimalloc"))
-
-
-def lpips_chunk(img: torch.Tensor) -> int:
-    """Images per chunk of the perceptual gradient: by :data:`CPU_LPIPS_CHUNK_BYTES` on a CPU with glibc's default
-    allocator, else the whole batch."""
-    if img.device.type != "cpu" or malloc_reuses_memory():
-        return img.shape[0]
-    per_image = 64 * img.shape[-2] * img.shape[-1] * img.element_size()
-    return max(1, CPU_LPIPS_CHUNK_BYTES // per_image)
-
-
 def _perceptual_grad(x0, xv, decode, loss, channels) -> torch.Tensor:
     img = decode(x0[:, :channels]).clamp(-1, 1)
-    k = lpips_chunk(img)
-    if k >= img.shape[0]:
-        (g,) = torch.autograd.grad(loss(img).sum(), xv)
-        return g
-    # the loss is per image: its gradient chunk by chunk, then one backward through decoder and denoiser
-    g_img = torch.empty_like(img)
-    for a in range(0, img.shape[0], k):
-        part = img[a:a + k].detach().requires_grad_(True)
-        (g_img[a:a + k],) = torch.autograd.grad(loss(part).sum(), part)
-    (g,) = torch.autograd.grad(img, xv, grad_outputs=g_img)
+    (g,) = torch.autograd.grad(loss(img).sum(), xv)
     return g
 
 

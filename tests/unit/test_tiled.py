@@ -616,50 +616,6 @@ def test_syncdiffusion_equals_the_official_loop_structure():
     assert (got - want).abs().max() < 1e-9
 
 
-def test_sync_lpips_gradient_in_chunks_on_a_cpu_with_glibc_malloc(monkeypatch):
-    """On a CPU with glibc's default allocator the LPIPS gradient runs over chunks of images (activations under
-    CPU_LPIPS_CHUNK_BYTES) and then one backward through decoder and UNet; the result equals the whole group's.
-    With an allocator that keeps freed memory, the group stays whole."""
-    import jointcore.tiled as JT
-
-    den, decode, cond, perc, ts, x = _sync_setup_f64("alex", 3)
-    batches = []
-    forward = perc.net.forward
-    monkeypatch.setattr(perc.net, "forward", lambda t: (batches.append(t.shape[0]), forward(t))[1])
-    cfg = TiledConfig.syncdiffusion(window=8, stride=4, sync_thres=2, view_batch=16, sync_memory_mib=1e6)
-
-    def run():
-        batches.clear()
-        return tiled_sample(den, x, ts, cond, cfg, decode=decode, perceptual=perc, stats=TiledStats())
-
-    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
-        monkeypatch.delenv(k, raising=False)
-    per_image = 64 * 64 * 64 * 8  # a 64² px float64 image: 64 channels at full size
-    monkeypatch.setattr(JT, "CPU_LPIPS_CHUNK_BYTES", 3 * per_image)
-    assert JT.lpips_chunk(torch.empty(9, 3, 64, 64, dtype=torch.float64)) == 3
-    chunked = run()
-    # 9 views, 8 besides the anchor. Step 1: the anchor's features (1 image), the first view measured alone, 7 views
-    # in chunks of 3; step 2: the anchor, 8 views in chunks of 3
-    assert batches == [1, 1, 3, 3, 1] + [1, 3, 3, 2]
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 32))
-    assert JT.lpips_chunk(torch.empty(9, 3, 64, 64, dtype=torch.float64)) == 9
-    whole = run()
-    assert batches == [1, 1, 7] + [1, 8]
-    assert (chunked - whole).abs().max() < 1e-9
-    # CUDA tensors (their caching allocator reuses memory) are never chunked
-    assert JT.lpips_chunk(torch.empty(9, 3, 64, 64, device="meta")) == 9
-
-
-def test_malloc_reuses_memory_reads_the_allocator_settings():
-    from jointcore.tiled import malloc_reuses_memory
-
-    assert not malloc_reuses_memory({})
-    assert not malloc_reuses_memory({"LD_PRELOAD": "/usr/lib/libfoo.so", "GLIBC_TUNABLES": "glibc.cpu.x=1"})
-    assert malloc_reuses_memory({"MALLOC_MMAP_THRESHOLD_": "1073741824"})
-    assert malloc_reuses_memory({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4294967296"})
-    assert malloc_reuses_memory({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})
-
-
 def test_sync_gradient_groups_are_bounded_by_memory():
     """The first view's gradient pass is measured (the activations its backward keeps); later groups hold as many
     views as fit sync_memory_mib, up to view_batch, and the result does not depend on the grouping."""
