@@ -71,19 +71,31 @@ def _mesh_worker(size: str, formats: list[str]) -> None:
 
     def memory(i, d, path, fmt):
         return M.export_mesh(M.rgbd_to_mesh(i, d, **kw)[0], path, fmt)[0]
+
+    def obj_null(i, d, path, fmt):  # the same work with no file system behind it
+        from jointcore import mesh_io
+        from jointcore.mesh_grid import grid_mesh
+
+        gm = grid_mesh(i, d, **kw)
+        with open(os.devnull, "wb") as fh:
+            mesh_io.write_obj(fh, gm.vertices, gm.faces, gm.normals, gm.colors)
+        return None
     out = {"size": size, "pixels": w * h}
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:  # warm-up: imports, first allocations, the thread pool
             grid(small_img, small_disp, os.path.join(tmp, "warm"), fmt)
         memory(small_img, small_disp, os.path.join(tmp, "warm"), "glb")
-        for name, fn, fmt in [(f, grid, f) for f in formats] + [("glb_memory", memory, "glb")]:
+        for name, fn, fmt in [(f, grid, f) for f in formats] + [("glb_memory", memory, "glb"),
+                                                                ("obj_null", obj_null, "obj")]:
             base = reset_peak_memory()  # peak RSS from here on
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             path = fn(img, disp, os.path.join(tmp, "m"), fmt)
             t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             out[name] = {"time": t1 - t0, "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
-                         "mib": os.path.getsize(path) / 2**20, "peak_bytes": process_memory("VmHWM") - base}
-            os.remove(path)
+                         "mib": os.path.getsize(path) / 2**20 if path else 0.0,
+                         "peak_bytes": process_memory("VmHWM") - base}
+            if path:
+                os.remove(path)
     print(json.dumps(out))
 
 
@@ -124,7 +136,8 @@ def mesh_part(args) -> None:
                 continue
             runs[s].append(r)
     ref = None
-    names = list(FORMATS) + ["glb_memory"]
+    names = list(FORMATS) + ["glb_memory", "obj_null"]
+    labels = {"glb_memory": "glb (in-memory mesh)", "obj_null": "obj to /dev/null"}
     for s in sizes:
         rs = runs[s]
         if not rs:
@@ -138,9 +151,10 @@ def mesh_part(args) -> None:
             sys_ = median([r[name]["sys"] for r in rs])
             peak = median([r[name]["peak_bytes"] for r in rs]) / px
             per_px[name] = (tot / px * 1e9, user / px * 1e9, sys_ / px * 1e9, peak)
-            label = "glb (in-memory mesh)" if name == "glb_memory" else name
-            print(f"    {label:20s} {tot:6.2f} s ({per_px[name][0]:4.0f} ns/px: user {per_px[name][1]:4.0f}, sys "
-                  f"{per_px[name][2]:4.0f}), peak {peak:4.0f} B/px")
+            mib = median([r[name]["mib"] for r in rs])
+            print(f"    {labels.get(name, name):20s} {tot:6.2f} s ({per_px[name][0]:4.0f} ns/px: user "
+                  f"{per_px[name][1]:4.0f}, sys {per_px[name][2]:4.0f}), peak {peak:4.0f} B/px"
+                  + (f", file {mib / 1024:.2f} GiB" if mib else ""))
         if ref is None:
             ref = (s, per_px)
             for fmt in FORMATS:
@@ -150,6 +164,15 @@ def mesh_part(args) -> None:
             ratios = "  ".join(f"{n} {per_px[n][0] / ref[1][n][0]:.2f} (user {per_px[n][1] / ref[1][n][1]:.2f}, "
                                f"memory {per_px[n][3] / ref[1][n][3]:.2f})" for n in names)
             print(f"    per-pixel time and peak memory vs {ref[0]} (1.00 = linear): {ratios}")
+    try:  # a file larger than the kernel's dirty-page limit is written at the disk's speed
+        with open("/proc/sys/vm/dirty_background_ratio") as fb, open("/proc/sys/vm/dirty_ratio") as fr, \
+                open("/proc/meminfo") as fm:
+            avail = next(int(x.split()[1]) for x in fm if x.startswith("MemAvailable")) / 2**20
+            bg, hard = int(fb.read()), int(fr.read())
+        print(f"  this machine's page cache: write-back starts at {bg} % and writers wait for the disk at {hard} % of "
+              f"the available memory ({avail * bg / 100:.1f} / {avail * hard / 100:.1f} GiB here)")
+    except (OSError, StopIteration, ValueError):
+        pass
     f = _subprocess_json(["--_faults"])
     if "error" not in f:
         print(f"  this machine, faulting in fresh memory: {f['below_1g']:.2f} ms/MiB while holding < 1 GiB, "

@@ -1,10 +1,11 @@
 """Mesh files written straight from the pixel grid, without building the mesh's arrays in memory.
 
 :func:`jointcore.mesh.rgbd_to_mesh` returns the mesh as flat arrays (positions, faces, colours, UVs, then normals
-and a compacted copy for the file): about 160 bytes per pixel, 5 GiB for an 8192×4096 panorama, most of it fresh
-memory the system has to fault in. A mesh of an image is fully described by its grid: the points, which pixels
-are valid and which of each quad's two triangles survive the discontinuity cut. :class:`GridMesh` keeps only that
-(about 30 bytes per pixel) and hands the file writers (:mod:`jointcore.mesh_io`) *row sources*: objects that
+and a compacted copy for the file): a peak of about 100 bytes per pixel when a file is written, 3 GiB for an
+8192×4096 panorama, most of it fresh memory the system has to fault in. A mesh of an image is fully described by
+its grid: the points, which pixels are valid and which of each quad's two triangles survive the discontinuity cut.
+:class:`GridMesh` keeps only that (a peak of about 40 bytes per pixel with the file's blocks in flight, measured
+by ``bench/bench_perf.py --only mesh``) and hands the file writers (:mod:`jointcore.mesh_io`) *row sources*: objects that
 produce any block of the vertex or face arrays on demand, from the grid rows it covers, in the writers' usual
 block size. The file is the one :func:`jointcore.mesh.export_mesh` writes for the same input (same vertex and face
 order, the unused vertices left out); the normals agree to float rounding (the same face normals summed in
@@ -24,9 +25,10 @@ import torch
 from . import mesh as M
 from .mesh_io import RowSource
 
-#: Estimated peak bytes per grid vertex when a mesh file is written from the grid (the image and depth as given,
-#: the prepared grid: colours, depth, validity, points; the keep masks; the blocks in flight). The memory guard's
-#: figure for :func:`export_rgbd_mesh`; the bench measures it.
+#: Estimated peak bytes per grid vertex when a mesh file is written from the grid (the prepared grid: colours,
+#: depth, validity, points; the keep masks; the blocks in flight), beyond the image and depth map as given. The
+#: memory guard's figure for :func:`export_rgbd_mesh`; the bench measures 36–47 from 4096×2048 up (more per pixel
+#: only on small images, where fixed costs dominate).
 BYTES_PER_VERTEX = 64
 
 
