@@ -693,13 +693,7 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
     Returns:
         The written paths; the first is the mesh (OBJ textures add ``.mtl`` and ``.png`` beside it).
     """
-    path = os.fspath(path)
-    stem, ext = os.path.splitext(path)
-    fmt = file_format or ext.lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise ValueError(f"file format must be one of {FORMATS}, got {fmt!r}")
-    if color not in COLOR_MODES:
-        raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
+    stem, fmt = _file_target(path, file_format, color)
     if mesh.is_empty:
         raise ValueError(NO_VALID_PIXEL)
     point_cloud = fmt == "pointcloud_ply"
@@ -709,13 +703,29 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
             raise ValueError(NO_TRIANGLE)
     if fmt in ("ply", "pointcloud_ply") and color == "texture":
         color = "vertex"
-    arrays = _file_arrays(mesh, fmt, color, normals, check)
-    dirname = os.path.dirname(path)
+    return _write_unique(stem, fmt, _file_arrays(mesh, fmt, color, normals, check), check)
+
+
+def _file_target(path: Union[str, os.PathLike], file_format: Optional[str], color: str) -> tuple[str, str]:
+    """``(path without extension, format)`` of a mesh file to write; ``ValueError`` for an unknown format or
+    colour mode."""
+    stem, ext = os.path.splitext(os.fspath(path))
+    fmt = file_format or ext.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"file format must be one of {FORMATS}, got {fmt!r}")
+    if color not in COLOR_MODES:
+        raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
+    return stem, fmt
+
+
+def _write_unique(stem: str, fmt: str, arrays: dict, check: Optional[Callable[[], None]]) -> list[str]:
+    """Write ``arrays`` (the :mod:`jointcore.mesh_io` writers' inputs) to a new file named after ``stem``: the
+    format's extension, a ``_0001``… suffix where that name (or a textured OBJ's ``.mtl``/``.png``) is taken."""
+    dirname = os.path.dirname(stem)
     if dirname:
         os.makedirs(dirname, exist_ok=True)
-
-    out_ext = ".ply" if point_cloud else "." + fmt
-    companions = (".mtl", ".png") if fmt == "obj" and color == "texture" else ()
+    out_ext = ".ply" if fmt == "pointcloud_ply" else "." + fmt
+    companions = (".mtl", ".png") if fmt == "obj" and arrays["png"] is not None else ()
     while True:
         target = unique_path(stem + out_ext, companions)
         try:

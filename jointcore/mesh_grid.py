@@ -225,13 +225,7 @@ def export_rgbd_mesh(image: torch.Tensor, depth: torch.Tensor, path: Union[str, 
     rounding) at a fifth of the memory. Arguments as :func:`jointcore.mesh.export_mesh` and ``mesh_args`` as
     :func:`grid_mesh`. Returns the written paths (the mesh first).
     """
-    path = os.fspath(path)
-    stem, ext = os.path.splitext(path)
-    fmt = file_format or ext.lstrip(".").lower()
-    if fmt not in M.FORMATS:
-        raise ValueError(f"file format must be one of {M.FORMATS}, got {fmt!r}")
-    if color not in M.COLOR_MODES:
-        raise ValueError(f"color must be one of {M.COLOR_MODES}, got {color!r}")
+    stem, fmt = M._file_target(path, file_format, color)
     point_cloud = fmt == "pointcloud_ply"
     gm = grid_mesh(image, depth, point_cloud=point_cloud, check=check, **mesh_args)
     if gm.n_valid == 0:
@@ -247,15 +241,4 @@ def export_rgbd_mesh(image: torch.Tensor, depth: torch.Tensor, path: Union[str, 
         arrays["colors"] = gm.colors
     elif color == "texture":
         arrays["uv"], arrays["png"] = gm.uv, M.texture_png(gm.texture)
-    dirname = os.path.dirname(path)
-    if dirname:
-        os.makedirs(dirname, exist_ok=True)
-    out_ext = ".ply" if point_cloud else "." + fmt
-    companions = (".mtl", ".png") if fmt == "obj" and color == "texture" else ()
-    while True:
-        target = M.unique_path(stem + out_ext, companions)
-        try:
-            return M._write_files(fmt, arrays, target, check)
-        except FileExistsError:  # lost a race for the name: pick the next one
-            continue
-
+    return M._write_unique(stem, fmt, arrays, check)
