@@ -274,8 +274,12 @@ def ran(loaded, frontend):
     page.evaluate("() => { window.__jd.queued = []; window.__jd.executed = []; }")
     # a fresh execution cache: outputs ComfyUI takes from its cache (e.g. the same nodes run by test_comfyui or
     # by a previous workflow) are not sent to the old frontend again, so no preview would appear
-    server.post("/free", {"unload_models": False, "free_memory": True})
-    time.sleep(1.0)  # the flag is read by ComfyUI's queue loop, which wakes up on it
+    # The flag is read by ComfyUI's queue loop after its wait for work wakes up, and setting it wakes that wait. A
+    # loop still busy when the flag is set (finishing the previous prompt, collecting garbage) would only read it
+    # after running the next prompt, from the old cache; so it is set again once the loop is surely idle.
+    for _ in range(2):
+        server.post("/free", {"unload_models": False, "free_memory": True})
+        time.sleep(1.0)
     t0 = time.time()
     how = "button" if H.workflow_id(wf) == BUTTON_WORKFLOW else "app.queuePrompt"
     if how == "button":
