@@ -657,3 +657,16 @@ def test_depth_kind_auto_reads_the_convention_the_depth_picture_carries(node_mod
     with pytest.raises(ValueError, match="normal map"):
         mod.JDRGBDToMesh().export(torch.rand(1, 6, 8, 3), common.tag_depth(torch.rand(1, 6, 8, 3), "normals"),
                                   "perspective", 60.0, 180.0, "auto", 1.0, 10.0, 0.1, 1, "glb", "x/y")
+
+
+@pytest.mark.parametrize("projection", ["perspective", "cylindrical", "equirectangular"])
+def test_unprojection_in_row_bands_equals_the_whole_grid(projection):
+    """A band's points (rows=(r0, r1)) are exactly the whole grid's rows r0…r1−1: meshes are built band by band."""
+    g = torch.Generator().manual_seed(2)
+    d = torch.rand(11, 17, generator=g) + 0.5
+    kw = dict(projection=projection, horizontal_span_deg=270.0, fov_deg=75.0)
+    whole = M.unproject(d, **kw)
+    bands = torch.cat([M.unproject(d, rows=(r0, min(11, r0 + 4)), **kw) for r0 in range(0, 11, 4)])
+    assert torch.equal(bands, whole)
+    # pixel centres at integer coordinates: the middle column of an odd-width grid looks straight ahead
+    assert torch.allclose(whole[:, 8, 0], torch.zeros(11), atol=1e-6)
