@@ -566,9 +566,7 @@ def rgbd_to_mesh(
             torch.index_select(flat_pts, 0, p, out=vertices[a:a + CHUNK])
             colors[a:a + CHUNK] = flat_img.index_select(1, p).T  # (index_select into a transposed out is slow)
             torch.index_select(dflat, 0, p, out=vdepth[a:a + CHUNK])
-            t = uv[a:a + CHUNK]
-            t[:, 0] = (p % w).float().add_(0.5).div_(w)
-            t[:, 1] = (p // w).float().add_(0.5).div_(-h).add_(1.0)
+            pixel_uv(p // w, p % w, (h, w), out=uv[a:a + CHUNK])
         del pts, g
         tick()
         meshes.append(RGBDMesh(
@@ -579,6 +577,18 @@ def rgbd_to_mesh(
 
 
 # ---- trimesh / files --------------------------------------------------------------------------------
+
+def pixel_uv(row: torch.Tensor, col: torch.Tensor, grid: tuple[int, int], out: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+    """Texture coordinates ``[..., 2]`` float32 of grid pixels ``(row, col)`` (integer tensors of one shape) of an
+    ``h×w`` grid: the pixel centres, OpenGL convention (``v`` up), written into ``out`` if given."""
+    h, w = grid
+    if out is None:
+        out = torch.empty(*row.shape, 2)
+    out[..., 0] = col.float().add_(0.5).div_(w)
+    out[..., 1] = row.float().add_(0.5).div_(-h).add_(1.0)
+    return out
+
 
 def _to_uint8(colors: torch.Tensor) -> "np.ndarray":
     import numpy as np
@@ -701,9 +711,13 @@ def export_mesh(mesh: RGBDMesh, path: Union[str, os.PathLike], file_format: Opti
         mesh = mesh.compact()
         if mesh.faces.shape[0] == 0:
             raise ValueError(NO_TRIANGLE)
-    if fmt in ("ply", "pointcloud_ply") and color == "texture":
-        color = "vertex"
-    return _write_unique(stem, fmt, _file_arrays(mesh, fmt, color, normals, check), check)
+    return _write_unique(stem, fmt, _file_arrays(mesh, fmt, file_color(fmt, color), normals, check), check)
+
+
+def file_color(fmt: str, color: str) -> str:
+    """The colour mode a file of format ``fmt`` gets for the requested ``color``: PLY has no texture, so
+    ``"texture"`` falls back to ``"vertex"`` there."""
+    return "vertex" if fmt in ("ply", "pointcloud_ply") and color == "texture" else color
 
 
 def _file_target(path: Union[str, os.PathLike], file_format: Optional[str], color: str) -> tuple[str, str]:
@@ -735,19 +749,18 @@ def _write_unique(stem: str, fmt: str, arrays: dict, check: Optional[Callable[[]
 
 
 def _file_arrays(mesh: RGBDMesh, fmt: str, color: str, normals: bool, check) -> dict:
-    """The arrays the :mod:`jointcore.mesh_io` writers take (and the texture PNG for ``color="texture"``)."""
+    """The arrays the :mod:`jointcore.mesh_io` writers take (and the texture PNG for ``color="texture"``);
+    ``color`` as :func:`file_color` gives it."""
     tick = check or (lambda: None)
     out = {"vertices": mesh.vertices.float().numpy(), "faces": None, "normals": None, "colors": None, "uv": None,
            "png": None}
-    if fmt == "pointcloud_ply":
-        out["colors"] = _to_uint8(mesh.colors) if color != "none" else None
-        return out
-    out["faces"] = mesh.faces.numpy()
-    tick()
-    if normals:
-        out["normals"] = vertex_normals(mesh.vertices, mesh.faces).numpy()
+    if fmt != "pointcloud_ply":
+        out["faces"] = mesh.faces.numpy()
         tick()
-    if color == "vertex" or (fmt == "ply" and color != "none"):
+        if normals:
+            out["normals"] = vertex_normals(mesh.vertices, mesh.faces).numpy()
+            tick()
+    if color == "vertex":
         out["colors"] = _to_uint8(mesh.colors)
     elif color == "texture":
         out["uv"], out["png"] = mesh.uv.float().numpy(), texture_png(mesh.texture)

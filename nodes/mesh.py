@@ -129,7 +129,7 @@ class JDRGBDToMesh:
         for i in range(B):
             counter = _free_counter(folder, filename, counter, ext, companions)
             target = os.path.join(folder, f"{filename}_{counter:05}_{ext}")
-            # written from the pixel grid (a fifth of the memory of the mesh's arrays; the same file)
+            # written from the pixel grid (less than half the memory of the mesh's arrays; the same file)
             written = export_rgbd_mesh(
                 img[i if img.shape[0] > 1 else 0], dep[i if dep.shape[0] > 1 else 0], target, format, color=color,
                 normals=normals, check=interrupt_check, projection=projection, fov_deg=fov_deg,
