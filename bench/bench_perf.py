@@ -57,7 +57,8 @@ def _mesh_worker(size: str, formats: list[str]) -> None:
 
     from bench_mesh import scene
     from jointcore import mesh as M
-    from jointcore.mesh_grid import export_rgbd_mesh
+    from jointcore import mesh_io
+    from jointcore.mesh_grid import export_rgbd_mesh, grid_mesh
     from jointcore.runtime.memory import process_memory, reset_peak_memory
 
     w, h = (int(v) for v in size.split("x"))
@@ -73,9 +74,6 @@ def _mesh_worker(size: str, formats: list[str]) -> None:
         return M.export_mesh(M.rgbd_to_mesh(i, d, **kw)[0], path, fmt)[0]
 
     def obj_null(i, d, path, fmt):  # the same work with no file system behind it
-        from jointcore import mesh_io
-        from jointcore.mesh_grid import grid_mesh
-
         gm = grid_mesh(i, d, **kw)
         with open(os.devnull, "wb") as fh:
             mesh_io.write_obj(fh, gm.vertices, gm.faces, gm.normals, gm.colors)
